@@ -1,0 +1,105 @@
+"""The ``omni`` command: run recipes, audit runs, inspect shards, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line, exit status 2."""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.executor import run_recipe
+    from pipelines.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, output=args.output)
+    if args.ray_address:
+        recipe.executor["address"] = args.ray_address
+    t0 = time.perf_counter()
+    manifest = run_recipe(recipe, executor=args.executor, progress=not args.quiet)
+    print(
+        f"{recipe.name}: ingested {manifest['ingested']}, written {manifest['written']}, "
+        f"rejected {manifest['rejected']} in {time.perf_counter() - t0:.1f}s -> {recipe.output}"
+    )
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pipelines.audit import audit
+
+    report = audit(args.run_dir)
+    print(report.summary())
+    for reason, n in report.rejects_by_reason.most_common():
+        print(f"  rejected {n:>5} × {reason}")
+    return 0 if report.balanced else 1
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines.inspect_shards import inspect_target
+
+    print(inspect_target(args.target, limit=args.n))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.out, executor=args.executor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omni", description="omnicorpus: omni-modal corpora on Ray, trained with DeepSpeed"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume a pipeline recipe")
+    r.add_argument("recipe", help="pipeline recipe (YAML)")
+    r.add_argument("--output", help="run directory (overrides the recipe's 'output')")
+    r.add_argument("--executor", choices=("ray", "local"), help="override the recipe's executor")
+    r.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=_cmd_run)
+
+    a = sub.add_parser("audit", help="prove ingested = written + rejected for a run")
+    a.add_argument("run_dir")
+    a.set_defaults(fn=_cmd_audit)
+
+    i = sub.add_parser("inspect", help="print counts and sample previews of a shard, shard dir or run")
+    i.add_argument("target")
+    i.add_argument("-n", type=int, default=5, help="samples to preview (default 5)")
+    i.set_defaults(fn=_cmd_inspect)
+
+    d = sub.add_parser("demo", help="build a small multimodal source set and run the pipeline on it")
+    d.add_argument("--out", default="demo_out", help="where sources and the run go (default demo_out)")
+    d.add_argument("--executor", choices=("ray", "local"), default="ray")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from pipelines.recipe import RecipeError
+    from pipelines.rundir import ResumeRefused
+
+    try:
+        return args.fn(args)
+    except (UserError, RecipeError, ResumeRefused, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"omni: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

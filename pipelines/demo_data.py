@@ -1,0 +1,203 @@
+"""Real multimodal source data built locally: the demo's inputs and the tests' fixtures.
+
+Images come from scikit-image's bundled photographs, human speech from Debian's Asterisk prompts
+(with their published transcripts), synthetic multilingual speech from espeak-ng, video from
+ffmpeg (a slideshow of those photographs narrated by a prompt). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en")
+ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+
+PHOTOS = {
+    "astronaut": "Astronaut Eileen Collins in a flight suit, smiling in front of a flag.",
+    "coffee": "A cup of coffee on a saucer, seen from above.",
+    "chelsea": "A ginger tabby cat named Chelsea looking to the side.",
+    "rocket": "A rocket on the launch pad against a clear sky.",
+    "immunohistochemistry": "A stained tissue sample under a microscope.",
+    "hubble_deep_field": "Hundreds of distant galaxies in the Hubble deep field.",
+    "colorwheel": "A wheel of smoothly changing colours.",
+    "camera": "A black and white photograph of a cameraman with a tripod.",
+    "coins": "Greek coins laid out on a dark background.",
+    "moon": "The surface of the moon, full of craters.",
+}
+
+MULTILINGUAL = [
+    ("en", "The quick brown fox jumps over the lazy dog while the farmer watches from the barn."),
+    ("de", "Der schnelle braune Fuchs springt über den faulen Hund, während der Bauer zusieht."),
+    ("fr", "Le renard brun rapide saute par-dessus le chien paresseux pendant que le fermier regarde."),
+    ("es", "El rápido zorro marrón salta sobre el perro perezoso mientras el granjero observa."),
+    ("it", "La volpe marrone veloce salta sopra il cane pigro mentre il contadino guarda."),
+    ("zh", "敏捷的棕色狐狸跳过了那只懒狗，农夫在谷仓里看着这一切。"),
+    ("ja", "素早い茶色の狐が怠け者の犬を飛び越え、農夫が納屋から見ている。"),
+    ("ru", "Быстрая коричневая лиса прыгает через ленивую собаку, а фермер смотрит из амбара."),
+    ("ar", "الثعلب البني السريع يقفز فوق الكلب الكسول بينما يراقب المزارع من الحظيرة."),
+    ("hi", "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर से कूदती है और किसान खलिहान से देखता है।"),
+]
+
+SPOKEN = [
+    ("en", "Every sample ends in a shard or in the rejects ledger."),
+    ("de", "Jede Probe landet in einem Shard oder im Ausschussbuch."),
+    ("fr", "Chaque échantillon finit dans une archive ou dans le registre des rejets."),
+]
+
+
+def photo(name: str) -> Image.Image:
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def photo_bytes(name: str, fmt: str = "JPEG", size: tuple[int, int] | None = None) -> bytes:
+    im = photo(name)
+    if size:
+        im = im.resize(size)
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format=fmt, quality=90) if fmt == "JPEG" else im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def asterisk_prompts(limit: int | None = None) -> list[tuple[Path, str]]:
+    """(wav path, transcript) of real recorded English prompts, skipping tone-only ones."""
+    out = []
+    with gzip.open(ASTERISK_TRANSCRIPTS, "rt", encoding="utf-8") as f:
+        for line in f:
+            name, sep, text = line.partition(":")
+            text = text.strip()
+            if not sep or name.startswith(";") or not text or text.startswith("["):
+                continue
+            wav = ASTERISK_DIR / f"{name.strip()}.wav"
+            if wav.is_file() and len(text.split()) >= 4:
+                out.append((wav, text))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def espeak(text: str, lang: str, path: Path) -> Path:
+    subprocess.run(["espeak-ng", "-v", lang, "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+def slideshow(images: list[Path], audio: Path | None, out: Path, seconds_per_image: float = 1.0) -> Path:
+    """An H.264 MP4 of the images (1 per ``seconds_per_image``), narrated by ``audio`` if given."""
+    cmd = ["ffmpeg", "-y", "-v", "error"]
+    for img in images:
+        cmd += ["-loop", "1", "-t", str(seconds_per_image), "-i", str(img)]
+    if audio is not None:
+        cmd += ["-i", str(audio)]
+    chains = "".join(f"[{i}:v]scale=320:240,setsar=1,fps=25[v{i}];" for i in range(len(images)))
+    concat = "".join(f"[v{i}]" for i in range(len(images))) + f"concat=n={len(images)}:v=1:a=0[v]"
+    cmd += ["-filter_complex", chains + concat, "-map", "[v]"]
+    if audio is not None:
+        cmd += ["-map", f"{len(images)}:a", "-c:a", "aac", "-shortest"]
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def write_img2dataset_tar(
+    path: Path, items: list[tuple[str, bytes, str]], extra_members: dict[str, bytes] | None = None
+) -> Path:
+    """A tar in img2dataset's layout (``00000NNNN.jpg/.txt/.json``), written with plain tarfile."""
+    with tarfile.open(path, "w") as tar:
+        for i, (url, jpeg, caption) in enumerate(items):
+            key = f"{i:09d}"
+            meta = json.dumps({"url": url, "caption": caption, "key": key, "status": "success"}).encode()
+            for ext, data in (("jpg", jpeg), ("txt", caption.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        for name, data in (extra_members or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def build_demo_sources(root: str | os.PathLike) -> dict[str, str]:
+    """Write the demo's sources under ``root``; returns {source name: path}."""
+    root = Path(root)
+    media, wds = root / "media", root / "wds"
+    for d in (media, wds):
+        d.mkdir(parents=True, exist_ok=True)
+    names = list(PHOTOS)
+    # image-caption pairs (cat.jpg + cat.txt)
+    for name in names[:6]:
+        (media / f"{name}.jpg").write_bytes(photo_bytes(name))
+        (media / f"{name}.txt").write_text(PHOTOS[name] + "\n", encoding="utf-8")
+    # real human speech with transcripts (ASR pairs)
+    for wav, text in asterisk_prompts(limit=6):
+        (media / f"prompt-{wav.stem}.wav").write_bytes(wav.read_bytes())
+        (media / f"prompt-{wav.stem}.txt").write_text(text + "\n", encoding="utf-8")
+    # synthetic multilingual speech
+    for lang, text in SPOKEN:
+        espeak(text, lang, media / f"espeak-{lang}.wav")
+        (media / f"espeak-{lang}.txt").write_text(text + "\n", encoding="utf-8")
+    # narrated slideshow video
+    narration = asterisk_prompts(limit=1)[0]
+    slideshow([media / f"{n}.jpg" for n in names[:3]], narration[0], media / "slideshow.mp4")
+    caption = "A slideshow of an astronaut, coffee and a cat. " + narration[1]
+    (media / "slideshow.txt").write_text(caption, encoding="utf-8")
+    # bad inputs, each must end in the ledger with a reason
+    (media / "truncated.jpg").write_bytes(photo_bytes("rocket")[:2000])
+    (media / "not-utf8.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (media / "empty.wav").write_bytes(b"")
+    (media / "garbage.mp4").write_bytes(os.urandom(4096))
+    # multilingual text and one interleaved document (JSONL, with a broken line)
+    lines = [json.dumps({"text": t, "lang": lang}, ensure_ascii=False) for lang, t in MULTILINGUAL]
+    lines.append(
+        json.dumps(
+            {
+                "segments": [
+                    {"modality": "text", "text": "Rockets and coffee: a short illustrated note."},
+                    {"modality": "image", "path": "media/rocket.jpg"},
+                    {"modality": "text", "text": PHOTOS["rocket"]},
+                    {"modality": "image", "path": "media/coffee.jpg"},
+                    {"modality": "text", "text": PHOTOS["coffee"]},
+                ]
+            }
+        )
+    )
+    lines.append('{"text": "this line is cut off')
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # a Parquet manifest with image bytes inline
+    pq.write_table(
+        pa.table(
+            {
+                "image": [photo_bytes(n, "PNG", (128, 128)) for n in names[6:]],
+                "text": [PHOTOS[n] for n in names[6:]],
+            }
+        ),
+        root / "pairs.parquet",
+        row_group_size=2,
+    )
+    # someone else's shard: img2dataset layout, plus a hostile member
+    write_img2dataset_tar(
+        wds / "00000.tar",
+        [(f"https://example.invalid/{n}.jpg", photo_bytes(n, size=(160, 120)), PHOTOS[n]) for n in names[:4]],
+        {"../escape.txt": b"should never be written anywhere"},
+    )
+    return {
+        "media": str(media),
+        "docs": str(root / "docs.jsonl"),
+        "pairs": str(root / "pairs.parquet"),
+        "wds": str(wds),
+    }

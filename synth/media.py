@@ -1,0 +1,105 @@
+"""Probe and check media with ffmpeg/ffprobe (through ffmpeg-python), with a timeout on every call.
+
+Bytes are spilled to a temporary file because MP4s with the index at the end cannot be probed from
+a pipe. A hostile file can make ffmpeg spin; the timeout turns that into a reject, not a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import ffmpeg
+
+DEFAULT_TIMEOUT_S = 30.0
+_TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class MediaError(ValueError):
+    """Media that cannot be used; ``reason`` is the short reject reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@contextlib.contextmanager
+def spilled(data: bytes, suffix: str = "") -> Iterator[str]:
+    fd, path = tempfile.mkstemp(suffix=suffix, dir=_TMP_DIR)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def probe_file(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    try:
+        return ffmpeg.probe(path, timeout=timeout_s)
+    except ffmpeg.Error as e:
+        raise MediaError("unreadable media", e.stderr.decode("utf-8", "replace").strip()[-300:]) from e
+    except subprocess.TimeoutExpired as e:
+        raise MediaError("media probe timed out", f"{timeout_s}s") from e
+
+
+def summarize_probe(info: dict[str, Any]) -> dict[str, Any]:
+    """The fields the pipeline and the token accounting need from ffprobe's answer."""
+    fmt = info.get("format", {})
+    out: dict[str, Any] = {"container": fmt.get("format_name")}
+    if fmt.get("duration") not in (None, "N/A"):
+        out["duration"] = round(float(fmt["duration"]), 3)
+    for s in info.get("streams", []):
+        if s.get("codec_type") == "video" and "video_codec" not in out:
+            out.update(video_codec=s.get("codec_name"), width=s.get("width"), height=s.get("height"))
+            rate = s.get("avg_frame_rate") or "0/0"
+            num, _, den = rate.partition("/")
+            if den and float(den):
+                out["fps"] = round(float(num) / float(den), 3)
+        elif s.get("codec_type") == "audio" and "audio_codec" not in out:
+            out.update(
+                audio_codec=s.get("codec_name"),
+                sample_rate=int(s.get("sample_rate", 0) or 0),
+                channels=s.get("channels"),
+            )
+    return out
+
+
+def decode_check(path: str, args: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Decode (part of) the file to nowhere; ffmpeg's first error becomes a MediaError."""
+    stream = ffmpeg.input(path).output("-", format="null", **args).global_args("-xerror", "-v", "error")
+    try:
+        proc = subprocess.run(stream.compile(), capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise MediaError("media decode timed out", f"{timeout_s}s") from e
+    if proc.returncode != 0:
+        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+
+
+def check_audio(data: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Probe + full decode of an audio clip; returns its summary or raises MediaError."""
+    with spilled(data) as path:
+        info = summarize_probe(probe_file(path, timeout_s))
+        if "audio_codec" not in info:
+            raise MediaError("no audio stream", str(info.get("container")))
+        if not info.get("duration"):
+            raise MediaError("zero-length audio")
+        decode_check(path, {"map": "0:a:0"}, timeout_s)
+    return info
+
+
+def check_video(data: bytes, timeout_s: float = DEFAULT_TIMEOUT_S, decode_seconds: float = 2.0) -> dict[str, Any]:
+    """Probe a video and decode its first seconds (a full decode is the enrichment stage's job)."""
+    with spilled(data) as path:
+        info = summarize_probe(probe_file(path, timeout_s))
+        if "video_codec" not in info:
+            raise MediaError("no video stream", str(info.get("container")))
+        if not info.get("duration"):
+            raise MediaError("zero-length video")
+        decode_check(path, {"map": "0:v:0", "t": decode_seconds}, timeout_s)
+    return info
