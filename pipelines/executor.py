@@ -23,7 +23,7 @@ EXECUTORS = ("local", "ray")
 
 
 def run_local(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracker, progress: bool) -> None:
-    ops = [(stage_name(i, s), build_operator(s)) for i, s in enumerate(recipe.steps)]
+    ops = [(stage_name(i, s), build_operator(s, recipe.imports)) for i, s in enumerate(recipe.steps)]
     for _, op in ops:
         op.setup()
     for unit in tqdm(pending, desc=f"{recipe.name} units", unit="unit", disable=not progress):

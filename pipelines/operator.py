@@ -8,7 +8,6 @@ Ray can run the class as an actor pool and a plain loop can run it in tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,14 +57,16 @@ def register(cls: type[Operator]) -> type[Operator]:
     return cls
 
 
-def _load_builtin_operators() -> None:
-    # Importing the packages registers their operators.
-    import filters  # noqa: F401
-    import synth  # noqa: F401
+def _load_operators(imports: tuple[str, ...] = ()) -> None:
+    """Importing a module registers its operators: ours, plus a recipe's ``imports``."""
+    import importlib
+
+    for module in ("filters", "synth", *imports):
+        importlib.import_module(module)
 
 
-def get_operator(name: str) -> type[Operator]:
-    _load_builtin_operators()
+def get_operator(name: str, imports: tuple[str, ...] = ()) -> type[Operator]:
+    _load_operators(imports)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -74,7 +75,7 @@ def get_operator(name: str) -> type[Operator]:
 
 
 def registered() -> dict[str, type[Operator]]:
-    _load_builtin_operators()
+    _load_operators()
     return dict(_REGISTRY)
 
 
@@ -94,6 +95,3 @@ def split_rejected(result: pa.Table) -> tuple[pa.Table, pa.Table | None]:
     kept = result.filter(pc.invert(rejected_mask)).drop_columns([REASON_COLUMN, DETAIL_COLUMN])
     rejected = result.filter(rejected_mask)
     return kept, (rejected if len(rejected) else None)
-
-
-OperatorFactory = Callable[[], Operator]

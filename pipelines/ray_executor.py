@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 class _StepActor:
     """Holds one operator (and its model) for the lifetime of a Ray actor."""
 
-    def __init__(self, step: dict[str, Any], stage: str, storage_opts: dict[str, Any]) -> None:
+    def __init__(self, step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str]) -> None:
         storage.configure(**storage_opts)
-        self.op: Operator = build_operator(StepSpec(**step))
+        self.op: Operator = build_operator(StepSpec(**step), imports)
         self.op.setup()
         self.stage = stage
 
@@ -40,13 +40,13 @@ class _StepActor:
         return apply_step(self.op, self.stage, table)
 
 
-def _stateless_step(step: dict[str, Any], stage: str, storage_opts: dict[str, Any]):
+def _stateless_step(step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str]):
     op_holder: list[Operator] = []
 
     def fn(table: pa.Table) -> pa.Table:
         if not op_holder:  # once per worker process, not per batch
             storage.configure(**storage_opts)
-            op_holder.append(build_operator(StepSpec(**step)))
+            op_holder.append(build_operator(StepSpec(**step), imports))
             op_holder[0].setup()
         return apply_step(op_holder[0], stage, table)
 
@@ -90,12 +90,12 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
     for i, step in enumerate(recipe.steps):
-        op_cls = type(build_operator(step))  # resolves the name early: a typo fails before any work
+        op_cls = type(build_operator(step, recipe.imports))  # resolves the name early: a typo fails before any work
         res = op_cls.resources
         remote = {"num_cpus": res.cpus, "num_gpus": res.gpus or None}
         if res.memory_mb:
             remote["memory"] = res.memory_mb * (1 << 20)
-        args = (vars(step), stage_name(i, step), opts)
+        args = (vars(step), stage_name(i, step), opts, recipe.imports)
         if op_cls.stateful:
             ds = ds.map_batches(
                 _StepActor,

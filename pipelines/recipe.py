@@ -43,6 +43,7 @@ class Recipe:
     output: str
     sources: list[SourceSpec]
     steps: list[StepSpec]
+    imports: list[str] = field(default_factory=list)  # modules that register extra operators
     max_shard_samples: int = 10_000
     max_shard_bytes: int = 1 << 30
     max_inline_bytes: int = 64 << 20  # media larger than this stay as URIs
@@ -54,6 +55,7 @@ class Recipe:
         doc = {
             "sources": [vars(s) for s in self.sources],
             "steps": [vars(s) for s in self.steps],
+            "imports": self.imports,
             "shards": [self.max_shard_samples, self.max_shard_bytes, self.max_inline_bytes],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -118,6 +120,7 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
         output=_resolve(output or str(doc["output"]), base_dir),
         sources=sources,
         steps=steps,
+        imports=[str(m) for m in doc.get("imports") or []],
         max_shard_samples=int(shards.get("max_samples", 10_000)),
         max_shard_bytes=parse_size(shards.get("max_bytes", 1 << 30)),
         max_inline_bytes=parse_size(shards.get("max_inline_bytes", 64 << 20)),

@@ -81,8 +81,8 @@ def read_unit_table(unit: dict[str, Any], recipe: Recipe) -> pa.Table:
     return records_to_table(unit["id"], read_unit(unit, recipe))
 
 
-def build_operator(step: StepSpec) -> Operator:
-    return get_operator(step.op)(**step.params)
+def build_operator(step: StepSpec, imports: tuple[str, ...] | list[str] = ()) -> Operator:
+    return get_operator(step.op, tuple(imports))(**step.params)
 
 
 def stage_name(index: int, step: StepSpec) -> str:

@@ -195,4 +195,5 @@ def with_segment_meta(table: pa.Table, metas: Sequence[str | None]) -> pa.Table:
     struct = pa.StructArray.from_arrays(fields, fields=list(SEGMENT_TYPE))
     offsets = pa.compute.subtract(segments.offsets, segments.offsets[0])
     rebuilt = pa.ListArray.from_arrays(offsets, struct, type=SAMPLE_SCHEMA.field("segments").type)
-    return table.set_column(table.schema.get_field_index("segments"), "segments", rebuilt)
+    index = table.schema.get_field_index("segments")
+    return table.set_column(index, table.schema.field(index), rebuilt)

@@ -17,6 +17,7 @@ from shards.codec import encode_sample
 from shards.manifest import ShardInfo, ShardStats
 
 TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK  # end-of-archive marker
 
 
 class _HashingWriter(io.RawIOBase):
@@ -46,11 +47,16 @@ def encoded_size(members: Mapping[str, bytes]) -> int:
     return sum(_tar_member_size(len(v)) for v in members.values())
 
 
+def final_tar_size(member_bytes: int) -> int:
+    """Size on disk: members, the end marker, then padding to tarfile's 10 KiB record."""
+    return -(-(member_bytes + TAR_END) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes samples into ``<directory>/<prefix>-NNNNN.tar``; ``close()`` returns what it wrote.
 
-    A shard is closed when it holds ``max_samples`` samples or adding the next sample would pass
-    ``max_bytes`` (a single larger sample still gets a shard of its own).
+    A shard is closed when it holds ``max_samples`` samples or adding the next sample would make
+    the file pass ``max_bytes`` (a single larger sample still gets a shard of its own).
     """
 
     def __init__(self, directory: str, prefix: str, max_samples: int = 10_000, max_bytes: int = 1 << 30) -> None:

@@ -1,0 +1,99 @@
+"""Timing, result rows and real sample data shared by the stage benchmarks.
+
+Numbers are only meaningful as ratios taken in the same run on the same machine, so every row
+carries ours, the bare library's and their ratio. Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+MB = 1_000_000
+
+Row = dict[str, Any]
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best-of-N wall seconds: the minimum is the run least disturbed by the rest of the machine."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def result(stage: str, unit: str, ours_per_s: float, bare_per_s: float, notes: str = "") -> Row:
+    """One result row; ``ratio`` > 1 means ours is faster than the bare library."""
+    return {
+        "stage": stage,
+        "unit": unit,
+        "ours_per_s": round(ours_per_s, 2),
+        "bare_per_s": round(bare_per_s, 2),
+        "ratio": round(ours_per_s / bare_per_s, 3) if bare_per_s else None,
+        "notes": notes,
+    }
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    cols = ["stage", "unit", "ours_per_s", "bare_per_s", "ratio", "notes"]
+    cells = [cols] + [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols) - 1)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1] for line in cells]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[Row], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(list(rows), indent=2) + "\n", encoding="utf-8")
+
+
+def main(run: Callable[[bool], list[Row]], argv: Sequence[str] | None = None) -> list[Row]:
+    """Command line shared by every bench module: ``--quick`` for small sizes, ``--out`` for JSON."""
+    parser = argparse.ArgumentParser(description="Throughput as a ratio against the bare library.")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--out", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    rows = run(args.quick)
+    print(format_table(rows))
+    if args.out:
+        write_json(rows, args.out)
+    return rows
+
+
+@cache
+def jpeg_variants() -> tuple[bytes, ...]:
+    """Real photographs as JPEGs of 30-65 KB, a typical web image; a few sizes each for variety."""
+    from pipelines.demo_data import PHOTOS, photo_bytes
+
+    out = []
+    for name in PHOTOS:
+        for size in ((400, 300), (480, 360), (512, 384)):
+            data = photo_bytes(name, size=size)
+            if 30_000 <= len(data) <= 65_000:
+                out.append(data)
+    return tuple(out)
+
+
+def image_caption_rows(n: int) -> list[Row]:
+    """``n`` image_caption samples with distinct ids, cycling over the real JPEGs."""
+    from pipelines.demo_data import PHOTOS
+    from shards.schema import Segment, make_sample
+
+    images = jpeg_variants()
+    captions = list(PHOTOS.values())
+    return [
+        make_sample(
+            "bench",
+            "image_caption",
+            [Segment("image", bytes=images[i % len(images)]), Segment("text", text=captions[i % len(captions)])],
+            locator=f"bench/{i:06d}",
+        )
+        for i in range(n)
+    ]
