@@ -40,6 +40,8 @@ def run_recipe(recipe: Recipe, executor: str | None = None, progress: bool = Tru
     kind = executor or recipe.executor.get("type", "ray")
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor {kind!r} (one of {', '.join(EXECUTORS)})")
+    for step in recipe.steps:  # a typo or bad parameter fails here, before a run directory exists
+        build_operator(step, recipe.imports)
     storage.configure(**recipe.storage)
     run = RunDir(recipe.output)
     plan = run.start(recipe, None if run.is_started() else sources.plan(recipe))

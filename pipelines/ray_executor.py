@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from pipelines.operator import Operator
+from pipelines.operator import Operator, get_operator
 from pipelines.recipe import Recipe, StepSpec, parse_size
 from pipelines.units import CommitTracker, apply_step, build_operator, read_unit_table, stage_name, write_units
 from shards import storage
@@ -90,7 +90,7 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
     for i, step in enumerate(recipe.steps):
-        op_cls = type(build_operator(step, recipe.imports))  # resolves the name early: a typo fails before any work
+        op_cls = get_operator(step.op, tuple(recipe.imports))
         res = op_cls.resources
         remote = {"num_cpus": res.cpus, "num_gpus": res.gpus or None}
         if res.memory_mb:
