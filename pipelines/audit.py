@@ -11,6 +11,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from pipelines.rundir import RunDir
 from shards import storage
 from shards.reader import iter_samples
@@ -48,7 +50,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def audit(root: str) -> AuditReport:
+def audit(root: str, progress: bool = False) -> AuditReport:
     run = RunDir(root)
     report = AuditReport()
     if not run.is_started():
@@ -65,7 +67,7 @@ def audit(root: str) -> AuditReport:
     ledger_ids = ledger["id"].to_pylist()
     ledger_by_unit = Counter(ledger["unit"].to_pylist())
     report.rejects_by_reason = Counter(ledger["reason"].to_pylist())
-    for unit, m in sorted(markers.items()):
+    for unit, m in tqdm(sorted(markers.items()), desc="audit units", unit="unit", disable=not progress):
         report.ingested += m["ingested"]
         written = 0
         for s in m["shards"]:

@@ -36,7 +36,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from pipelines.audit import audit
 
-    report = audit(args.run_dir)
+    report = audit(args.run_dir, progress=sys.stderr.isatty())
     print(report.summary())
     for reason, n in report.rejects_by_reason.most_common():
         print(f"  rejected {n:>5} × {reason}")
