@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav
+APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav libchromaprint-tools
 DEMO_OUT ?= demo_out
 
 .PHONY: setup apt venv demo test lint bench clean
@@ -13,6 +13,7 @@ apt:
 	@missing=""; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v fpcalc >/dev/null || missing="$$missing libchromaprint-tools"; \
 	[ -d /usr/share/asterisk/sounds/en ] || missing="$$missing asterisk-core-sounds-en-wav"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
@@ -25,7 +26,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	touch $@
 
 demo: setup
