@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ffmpeg
+import numpy as np
 
 DEFAULT_TIMEOUT_S = 30.0
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -103,3 +104,64 @@ def check_video(data: bytes, timeout_s: float = DEFAULT_TIMEOUT_S, decode_second
             raise MediaError("zero-length video")
         decode_check(path, {"map": "0:v:0", "t": decode_seconds}, timeout_s)
     return info
+
+
+def decode_audio(data: bytes, sample_rate: int = 16_000, timeout_s: float = DEFAULT_TIMEOUT_S) -> np.ndarray:
+    """Any audio (or a video's first audio track) → mono float32 PCM at ``sample_rate``."""
+    with spilled(data) as path:
+        stream = ffmpeg.input(path).output("-", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate, map="0:a:0")
+        try:
+            proc = subprocess.run(
+                stream.global_args("-v", "error").compile(), capture_output=True, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise MediaError("media decode timed out", f"{timeout_s}s") from e
+    if proc.returncode != 0:
+        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+
+
+def fit_pixels(width: int, height: int, max_pixels: int, multiple: int = 28) -> tuple[int, int]:
+    """Largest size with the same aspect ratio, at most ``max_pixels``, sides a multiple of ``multiple``.
+
+    The paper's vision encoder works on 14-px patches merged 2×2, so sides snap to 28 px."""
+    scale = min(1.0, (max_pixels / float(width * height)) ** 0.5)
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return w, h
+
+
+def sample_frames(
+    data: bytes,
+    fps: float = 1.0,
+    max_frames: int = 32,
+    max_pixels: int = 602_112,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> np.ndarray:
+    """Frames at ``fps`` (uniformly thinned to ``max_frames``) as uint8 RGB ``[n, h, w, 3]``.
+
+    Defaults follow the paper: 1 fps, at most 32 frames, each within the per-frame pixel budget."""
+    with spilled(data) as path:
+        info = summarize_probe(probe_file(path, timeout_s))
+        if "video_codec" not in info:
+            raise MediaError("no video stream", str(info.get("container")))
+        width, height = fit_pixels(int(info["width"]), int(info["height"]), max_pixels)
+        stream = (
+            ffmpeg.input(path)
+            .filter("fps", fps=fps)
+            .filter("scale", width, height)
+            .output("-", format="rawvideo", pix_fmt="rgb24")
+            .global_args("-v", "error")
+        )
+        try:
+            proc = subprocess.run(stream.compile(), capture_output=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise MediaError("media decode timed out", f"{timeout_s}s") from e
+    if proc.returncode != 0:
+        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+    frames = np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
+    if len(frames) == 0:
+        raise MediaError("no frames decoded")
+    if len(frames) > max_frames:
+        frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    return frames
