@@ -7,6 +7,7 @@ a pipe. A hostile file can make ffmpeg spin; the timeout turns that into a rejec
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import tempfile
@@ -121,14 +122,28 @@ def decode_audio(data: bytes, sample_rate: int = 16_000, timeout_s: float = DEFA
     return np.frombuffer(proc.stdout, dtype=np.float32).copy()
 
 
-def fit_pixels(width: int, height: int, max_pixels: int, multiple: int = 28) -> tuple[int, int]:
-    """Largest size with the same aspect ratio, at most ``max_pixels``, sides a multiple of ``multiple``.
-
-    The paper's vision encoder works on 14-px patches merged 2×2, so sides snap to 28 px."""
-    scale = min(1.0, (max_pixels / float(width * height)) ** 0.5)
-    w = max(multiple, int(width * scale) // multiple * multiple)
-    h = max(multiple, int(height * scale) // multiple * multiple)
+def fit_pixels(
+    width: int, height: int, max_pixels: int, multiple: int = 28, min_pixels: int = 56 * 56
+) -> tuple[int, int]:
+    """Qwen2-VL's ``smart_resize``: sides snapped to ``multiple`` (14-px patches merged 2×2), aspect
+    ratio kept, area within [min_pixels, max_pixels]. Token accounting uses the same rule."""
+    h = max(multiple, round(height / multiple) * multiple)
+    w = max(multiple, round(width / multiple) * multiple)
+    if h * w > max_pixels:
+        beta = ((height * width) / max_pixels) ** 0.5
+        h = max(multiple, math.floor(height / beta / multiple) * multiple)
+        w = max(multiple, math.floor(width / beta / multiple) * multiple)
+    elif h * w < min_pixels:
+        beta = (min_pixels / (height * width)) ** 0.5
+        h = math.ceil(height * beta / multiple) * multiple
+        w = math.ceil(width * beta / multiple) * multiple
     return w, h
+
+
+def video_frame_count(duration: float, fps: float = 1.0, max_frames: int = 32) -> int:
+    """How many frames ``sample_frames`` returns for a clip of ``duration`` seconds (ffmpeg's fps
+    filter rounds to the nearest frame; a clip shorter than half a frame still gives one)."""
+    return min(max_frames, max(1, math.floor(duration * fps + 0.5)))
 
 
 def sample_frames(
@@ -148,7 +163,7 @@ def sample_frames(
         width, height = fit_pixels(int(info["width"]), int(info["height"]), max_pixels)
         stream = (
             ffmpeg.input(path)
-            .filter("fps", fps=fps)
+            .filter("fps", fps=fps, start_time=0, round="up" if info.get("duration", 1) * fps < 0.5 else "near")
             .filter("scale", width, height)
             .output("-", format="rawvideo", pix_fmt="rgb24")
             .global_args("-v", "error")
@@ -161,7 +176,7 @@ def sample_frames(
         raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
     frames = np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
-        raise MediaError("no frames decoded")
+        raise MediaError("no frames decoded", "video shorter than its first frame interval")
     if len(frames) > max_frames:
         frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
     return frames
