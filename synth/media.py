@@ -7,7 +7,6 @@ a pipe. A hostile file can make ffmpeg spin; the timeout turns that into a rejec
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import subprocess
 import tempfile
@@ -16,6 +15,8 @@ from typing import Any
 
 import ffmpeg
 import numpy as np
+
+from shards.tokens import fit_pixels, video_frame_count  # noqa: F401 - the frame rules live with the token rules
 
 DEFAULT_TIMEOUT_S = 30.0
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -120,30 +121,6 @@ def decode_audio(data: bytes, sample_rate: int = 16_000, timeout_s: float = DEFA
     if proc.returncode != 0:
         raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
     return np.frombuffer(proc.stdout, dtype=np.float32).copy()
-
-
-def fit_pixels(
-    width: int, height: int, max_pixels: int, multiple: int = 28, min_pixels: int = 56 * 56
-) -> tuple[int, int]:
-    """Qwen2-VL's ``smart_resize``: sides snapped to ``multiple`` (14-px patches merged 2×2), aspect
-    ratio kept, area within [min_pixels, max_pixels]. Token accounting uses the same rule."""
-    h = max(multiple, round(height / multiple) * multiple)
-    w = max(multiple, round(width / multiple) * multiple)
-    if h * w > max_pixels:
-        beta = ((height * width) / max_pixels) ** 0.5
-        h = max(multiple, math.floor(height / beta / multiple) * multiple)
-        w = max(multiple, math.floor(width / beta / multiple) * multiple)
-    elif h * w < min_pixels:
-        beta = (min_pixels / (height * width)) ** 0.5
-        h = math.ceil(height * beta / multiple) * multiple
-        w = math.ceil(width * beta / multiple) * multiple
-    return w, h
-
-
-def video_frame_count(duration: float, fps: float = 1.0, max_frames: int = 32) -> int:
-    """How many frames ``sample_frames`` returns for a clip of ``duration`` seconds (ffmpeg's fps
-    filter rounds to the nearest frame; a clip shorter than half a frame still gives one)."""
-    return min(max_frames, max(1, math.floor(duration * fps + 0.5)))
 
 
 def sample_frames(
