@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -50,6 +51,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pipelines.stats import collect, format_stats, stats_report
+
+    report = stats_report(collect(args.targets))
+    print(json.dumps(report, indent=1) if args.json else format_stats(report))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipelines.plan import format_plan, load_corpus, make_plan, write_mixtures
+
+    corpus = load_corpus(args.corpus)
+    plan = make_plan(corpus, args.have, bench_path=args.bench)
+    if args.mixtures:
+        write_mixtures(plan, corpus, args.have, args.mixtures)
+    print(format_plan(plan))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -80,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-n", type=int, default=5, help="samples to preview (default 5)")
     i.set_defaults(fn=_cmd_inspect)
 
+    s = sub.add_parser("stats", help="token totals by data type, modality, language and source")
+    s.add_argument("targets", nargs="+", help="run dirs, shard dirs or shard-set manifest files")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_cmd_stats)
+
+    pl = sub.add_parser("plan", help="gap between a target corpus and the manifests, and its compute cost")
+    pl.add_argument("corpus", help="target corpus YAML, e.g. conf/corpus/omni500b.yaml")
+    pl.add_argument("--have", nargs="*", default=[], help="run dirs / shard dirs / manifests already produced")
+    pl.add_argument("--bench", help="bench results JSON (python -m bench.run_all --out FILE) for measured rates")
+    pl.add_argument("--mixtures", help="write one mixture YAML per training stage into this folder")
+    pl.set_defaults(fn=_cmd_plan)
+
     d = sub.add_parser("demo", help="build a small multimodal source set and run the pipeline on it")
     d.add_argument("--out", default="demo_out", help="where sources and the run go (default demo_out)")
     d.add_argument("--executor", choices=("ray", "local"), default="ray")
@@ -90,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from pipelines.operator import UnknownOperator
     from pipelines.recipe import RecipeError
     from pipelines.rundir import ResumeRefused
 
     try:
         return args.fn(args)
-    except (UserError, RecipeError, ResumeRefused, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"omni: error: {msg}", file=sys.stderr)
+    except (UserError, RecipeError, ResumeRefused, FileNotFoundError, UnknownOperator) as e:
+        print(f"omni: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -47,6 +47,10 @@ class Operator:
 _REGISTRY: dict[str, type[Operator]] = {}
 
 
+class UnknownOperator(LookupError):
+    """A recipe names an operator nobody registered."""
+
+
 def register(cls: type[Operator]) -> type[Operator]:
     """Class decorator: make an operator available to recipes under ``cls.name``."""
     if not cls.name:
@@ -61,7 +65,7 @@ def _load_operators(imports: tuple[str, ...] = ()) -> None:
     """Importing a module registers its operators: ours, plus a recipe's ``imports``."""
     import importlib
 
-    for module in ("filters", "synth", *imports):
+    for module in ("filters", "synth", "pipelines.accounting", *imports):
         importlib.import_module(module)
 
 
@@ -71,7 +75,7 @@ def get_operator(name: str, imports: tuple[str, ...] = ()) -> type[Operator]:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise KeyError(f"unknown operator {name!r} (registered: {known})") from None
+        raise UnknownOperator(f"unknown operator {name!r} (registered: {known})") from None
 
 
 def registered() -> dict[str, type[Operator]]:

@@ -1,7 +1,8 @@
 """Shard and shard-set manifests: what each tar holds, so a mixture can be planned and audited.
 
-Per shard: path, sha256, bytes, samples, samples per kind, and per modality the segment count and
-payload bytes. ``tokens`` per modality is left for token accounting to fill.
+Per shard: path, sha256, bytes, samples, samples per kind, per modality the segment count and
+payload bytes, and the model tokens per modality (from the ``tokens`` that the ``count_tokens``
+step writes into each segment's meta) with a breakdown by kind, source and language.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards import storage
+from shards.schema import loads_meta
 
 SHARDSET_MANIFEST = "manifest.json"
 
@@ -25,11 +27,14 @@ class ShardStats:
     kinds: Counter = field(default_factory=Counter)
     segments: Counter = field(default_factory=Counter)
     payload_bytes: Counter = field(default_factory=Counter)
-    tokens: dict[str, int] = field(default_factory=dict)
+    tokens: Counter = field(default_factory=Counter)
+    # (kind, source, lang, modality) -> tokens, for sums along any of those
+    token_breakdown: Counter = field(default_factory=Counter)
 
     def add(self, row: Mapping[str, Any]) -> None:
         self.samples += 1
         self.kinds[row["kind"]] += 1
+        lang = row.get("lang") or loads_meta(row.get("meta")).get("lang") or "und"
         for seg in row["segments"]:
             m = seg["modality"]
             self.segments[m] += 1
@@ -37,14 +42,18 @@ class ShardStats:
                 self.payload_bytes[m] += len(seg["bytes"])
             elif seg.get("text") is not None:
                 self.payload_bytes[m] += len(seg["text"].encode())
+            n = loads_meta(seg.get("meta")).get("tokens")
+            if n is not None:
+                self.tokens[m] += n
+                self.token_breakdown[(row["kind"], row["source"], lang, m)] += n
 
     def merge(self, other: ShardStats) -> None:
         self.samples += other.samples
         self.kinds.update(other.kinds)
         self.segments.update(other.segments)
         self.payload_bytes.update(other.payload_bytes)
-        for k, v in other.tokens.items():
-            self.tokens[k] = self.tokens.get(k, 0) + v
+        self.tokens.update(other.tokens)
+        self.token_breakdown.update(other.token_breakdown)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +63,10 @@ class ShardStats:
                 m: {"segments": self.segments[m], "bytes": self.payload_bytes[m]} for m in sorted(self.segments)
             },
             "tokens": dict(sorted(self.tokens.items())),
+            "token_breakdown": [
+                {"kind": k, "source": s, "lang": lang, "modality": m, "tokens": n}
+                for (k, s, lang, m), n in sorted(self.token_breakdown.items())
+            ],
         }
 
     @classmethod
@@ -64,7 +77,10 @@ class ShardStats:
             kinds=Counter(d.get("kinds", {})),
             segments=Counter({m: v["segments"] for m, v in mods.items()}),
             payload_bytes=Counter({m: v["bytes"] for m, v in mods.items()}),
-            tokens=dict(d.get("tokens", {})),
+            tokens=Counter(d.get("tokens", {})),
+            token_breakdown=Counter(
+                {(r["kind"], r["source"], r["lang"], r["modality"]): r["tokens"] for r in d.get("token_breakdown", [])}
+            ),
         )
 
 

@@ -67,3 +67,23 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real byte-level BPE trained on the demo's multilingual text, saved as a HF tokenizer dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.demo_data import MULTILINGUAL, PHOTOS, SPOKEN
+
+    texts = [t for _, t in MULTILINGUAL + SPOKEN] + list(PHOTOS.values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts * 4, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    out = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    return str(out)
