@@ -40,6 +40,14 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
+def add_timings(total: dict[str, dict[str, float]], more: dict[str, dict[str, float]]) -> None:
+    """Sum per-stage ``{seconds, rows}`` (from unit parts, or from unit markers)."""
+    for stage, t in more.items():
+        acc = total.setdefault(stage, {"seconds": 0.0, "rows": 0})
+        acc["seconds"] += t["seconds"]
+        acc["rows"] += t["rows"]
+
+
 class ResumeRefused(RuntimeError):
     """The run directory belongs to a different recipe; resuming would mix two corpora."""
 
@@ -144,8 +152,10 @@ class RunDir:
         info = json.loads(storage.read_bytes(self.path("run.json")))
         write_shardset_manifest(self.shards_dir, shards, {"run": info["name"], "config_hash": info["config_hash"]})
         reasons: Counter = Counter()
+        timings: dict[str, dict[str, float]] = {}
         for m in markers.values():
             reasons.update(m.get("reasons", {}))
+            add_timings(timings, m.get("timings", {}))
         manifest = {
             "kind": "omnicorpus.run",
             **{k: info[k] for k in ("name", "config_hash", "code_version", "created", "sources")},
@@ -155,6 +165,10 @@ class RunDir:
             "written": sum(m["written"] for m in markers.values()),
             "rejected": sum(m["rejected"] for m in markers.values()),
             "rejects_by_reason": dict(reasons.most_common()),
+            "stage_timings": {
+                stage: {**t, "rows_per_s": t["rows"] / t["seconds"] if t["seconds"] else None}
+                for stage, t in timings.items()
+            },
             "shardset": summarize(shards),
         }
         storage.write_bytes(self.path("manifest.json"), json.dumps(manifest, indent=1).encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipelines.operator import Operator, get_operator
 from pipelines.recipe import Recipe, StepSpec
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, add_timings
 from pipelines.sources import read_unit
 from shards import storage
 from shards.reader import Record
@@ -49,6 +50,20 @@ FLIGHT_SCHEMA = pa.schema(
     ]
 )
 ROUTING_COLUMNS = [UNIT_COLUMN, UNIT_TOTAL_COLUMN, REASON_COLUMN, DETAIL_COLUMN, STAGE_COLUMN]
+TIMING_PREFIX = "_seconds:"  # per-row share of a stage's wall time, summed per unit by the writer
+
+
+def _with_timing(table: pa.Table, stage: str, seconds: float, rows_mask: pa.Array | None = None) -> pa.Table:
+    """Spread ``seconds`` over the rows the stage worked on (all rows when no mask)."""
+    n = len(table) if rows_mask is None else pc.sum(rows_mask).as_py() or 0
+    share = seconds / n if n else 0.0
+    values = pa.array([share] * len(table), pa.float64())
+    if rows_mask is not None:
+        values = pc.if_else(rows_mask, values, pa.scalar(0.0))
+    column = TIMING_PREFIX + stage
+    if column in table.column_names:
+        return table.set_column(table.schema.get_field_index(column), column, values)
+    return table.append_column(column, values)
 
 
 def records_to_table(unit: str, records: Iterable[Record]) -> pa.Table:
@@ -78,7 +93,9 @@ def records_to_table(unit: str, records: Iterable[Record]) -> pa.Table:
 
 
 def read_unit_table(unit: dict[str, Any], recipe: Recipe) -> pa.Table:
-    return records_to_table(unit["id"], read_unit(unit, recipe))
+    start = time.perf_counter()
+    table = records_to_table(unit["id"], read_unit(unit, recipe))
+    return _with_timing(table, "ingest", time.perf_counter() - start)
 
 
 def build_operator(step: StepSpec, imports: tuple[str, ...] | list[str] = ()) -> Operator:
@@ -114,11 +131,14 @@ def apply_step(op: Operator, stage: str, table: pa.Table) -> pa.Table:
     if len(flowing) == 0:
         return table
     done = table.filter(pc.invert(flowing_mask))
-    payload = flowing.drop_columns(ROUTING_COLUMNS)
+    carried = [c for c in flowing.column_names if c.startswith(TIMING_PREFIX)]
+    payload = flowing.drop_columns(ROUTING_COLUMNS + carried)
+    start = time.perf_counter()
     try:
         result = op(payload)
     except Exception as e:  # noqa: BLE001
         result = _call_row_by_row(op, payload, e)
+    seconds = time.perf_counter() - start
     if len(result) != len(payload):
         raise RuntimeError(f"operator {op.name} returned {len(result)} rows for {len(payload)}; operators are 1:1")
     if REASON_COLUMN not in result.column_names:
@@ -132,6 +152,9 @@ def apply_step(op: Operator, stage: str, table: pa.Table) -> pa.Table:
         .append_column(UNIT_TOTAL_COLUMN, flowing[UNIT_TOTAL_COLUMN])
         .append_column(STAGE_COLUMN, stages)
     )
+    for c in carried:
+        result = result.append_column(c, flowing[c])
+    result = _with_timing(result, stage, seconds)
     return pa.concat_tables([result, done], promote_options="default")
 
 
@@ -179,9 +202,18 @@ def write_units(table: pa.Table, recipe: Recipe) -> list[dict[str, Any]]:
                     }
                 )
             ledger.append(run.write_ledger(f"{prefix}.parquet", ledger_rows))
+        timings = {
+            c[len(TIMING_PREFIX) :]: {
+                "seconds": pc.sum(rows[c]).as_py() or 0.0,
+                "rows": pc.sum(pc.greater(pc.fill_null(rows[c], 0.0), 0.0)).as_py() or 0,
+            }
+            for c in rows.column_names
+            if c.startswith(TIMING_PREFIX)
+        }
         summaries.append(
             {
                 "unit": unit,
+                "timings": json.dumps(timings),
                 "total": total,
                 "written": len(kept),
                 "rejected": len(rejected),
@@ -212,8 +244,10 @@ class CommitTracker:
         if written + rejected > summary["total"]:
             raise RuntimeError(f"unit {unit}: {written}+{rejected} samples for {summary['total']} inputs")
         reasons: Counter = Counter()
+        timings: dict[str, dict[str, float]] = {}
         for p in parts:
             reasons.update(json.loads(p["reasons"]))
+            add_timings(timings, json.loads(p.get("timings") or "{}"))
         marker = {
             "unit": unit,
             "ingested": summary["total"],
@@ -222,6 +256,7 @@ class CommitTracker:
             "shards": [s for p in parts for s in json.loads(p["shards"])],
             "ledger": [name for p in parts for name in json.loads(p["ledger"])],
             "reasons": dict(reasons),
+            "timings": timings,
         }
         self.run.commit_unit(unit, marker)
         self.committed.add(unit)
