@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav libchromaprint-tools
+APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav libchromaprint-tools chromium
 DEMO_OUT ?= demo_out
 
 .PHONY: setup apt venv demo test lint bench clean
@@ -14,6 +14,7 @@ apt:
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v fpcalc >/dev/null || missing="$$missing libchromaprint-tools"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	[ -d /usr/share/asterisk/sounds/en ] || missing="$$missing asterisk-core-sounds-en-wav"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \

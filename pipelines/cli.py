@@ -70,6 +70,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+
+    print(write_report(args.run_dir, args.out, max_samples=args.max_samples))
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from pipelines.viewer import serve
+
+    print(f"omni view: http://127.0.0.1:{args.port}/  (Ctrl-C to stop)")
+    serve(args.target, port=args.port)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -111,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--bench", help="bench results JSON (python -m bench.run_all --out FILE) for measured rates")
     pl.add_argument("--mixtures", help="write one mixture YAML per training stage into this folder")
     pl.set_defaults(fn=_cmd_plan)
+
+    rp = sub.add_parser("report", help="write an HTML report with plots for a finished run")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="folder for report.html and its plots (default RUN_DIR/report)")
+    rp.add_argument("--max-samples", type=int, default=50_000, help="samples read for histograms")
+    rp.set_defaults(fn=_cmd_report)
+
+    v = sub.add_parser("view", help="browse samples of a run or shard set in a local web page")
+    v.add_argument("target", help="run dir, shard dir or a .tar")
+    v.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    v.set_defaults(fn=_cmd_view)
 
     d = sub.add_parser("demo", help="build a small multimodal source set and run the pipeline on it")
     d.add_argument("--out", default="demo_out", help="where sources and the run go (default demo_out)")
