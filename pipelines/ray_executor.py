@@ -54,7 +54,8 @@ def _stateless_step(step: dict[str, Any], stage: str, storage_opts: dict[str, An
 
 
 def init_ray(settings: dict[str, Any]) -> None:
-    """Connect to ``address`` (a cluster, or ``auto`` inside ``ray job submit``) or start a local one."""
+    """Join ``address`` (a cluster; ``auto`` or RAY_ADDRESS, which ``ray job submit`` sets) or start a
+    private local Ray on loopback, never silently joining some other cluster on this machine."""
     if ray.is_initialized():
         return
     address = settings.get("address") or os.environ.get("RAY_ADDRESS")
@@ -63,6 +64,7 @@ def init_ray(settings: dict[str, Any]) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",
         num_cpus=int(settings.get("num_cpus", os.cpu_count() or 1)),
         object_store_memory=parse_size(settings.get("object_store_memory", "1GB")),
         include_dashboard=False,

@@ -14,7 +14,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from pipelines.demo_data import build_demo_sources  # noqa: E402
+import yaml  # noqa: E402
+
+from pipelines.demo_data import asterisk_prompts, build_demo_sources  # noqa: E402
 from pipelines.recipe import Recipe, recipe_from_dict  # noqa: E402
 
 # What the demo sources hold, counted by hand from pipelines/demo_data.py.
@@ -51,6 +53,48 @@ def demo_recipe_dict(sources: dict[str, str], output: str | Path, executor: str 
 @pytest.fixture
 def demo_recipe(demo_sources: dict[str, str], tmp_path: Path) -> Recipe:
     return recipe_from_dict(demo_recipe_dict(demo_sources, tmp_path / "run"))
+
+
+N_CLIPS = 60
+UNIT_SIZE = 3
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real recorded prompts with transcripts; every tenth clip truncated, for validate to reject."""
+    d = tmp_path_factory.mktemp("speech")
+    prompts = asterisk_prompts(limit=N_CLIPS)
+    for i, (wav, text) in enumerate(prompts):
+        data = wav.read_bytes()
+        if i % 10 == 7:
+            data = data[: len(data) // 3]  # truncated: validate rejects it
+        (d / f"{i:03d}-{wav.stem}.wav").write_bytes(data)
+        (d / f"{i:03d}-{wav.stem}.txt").write_text(text)
+    return d
+
+
+def write_speech_recipe(path: Path, speech: Path, output: Path, executor: str) -> Path:
+    doc = {
+        "name": "killme",
+        "output": str(output),
+        "sources": [{"name": "speech", "type": "local", "path": str(speech), "unit_size": UNIT_SIZE}],
+        "pipeline": [{"op": "validate", "params": {"threads": 1}}],
+        "shards": {"max_samples": 2},
+        "executor": {"type": executor, "num_cpus": 2, "object_store_memory": "256MB", "log_to_driver": False},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The speech clips run once without interruption: the reference for every fault test."""
+    from pipelines.executor import run_recipe
+    from pipelines.recipe import load_recipe
+
+    d = tmp_path_factory.mktemp("clean")
+    run_recipe(load_recipe(str(write_speech_recipe(d / "clean.yaml", speech_dir, d / "run", "local"))), progress=False)
+    return d / "run"
 
 
 @pytest.fixture(scope="session")

@@ -14,45 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipelines.audit import audit
-from pipelines.demo_data import asterisk_prompts
-from pipelines.executor import run_recipe
-from pipelines.recipe import load_recipe
 from pipelines.rundir import RunDir
 from shards.manifest import read_shardset_manifest
 from shards.reader import iter_samples
-
-N_CLIPS = 60
-UNIT_SIZE = 3
-
-
-@pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real recorded prompts with transcripts, plus a few broken clips to reject."""
-    d = tmp_path_factory.mktemp("speech")
-    prompts = asterisk_prompts(limit=N_CLIPS)
-    for i, (wav, text) in enumerate(prompts):
-        data = wav.read_bytes()
-        if i % 10 == 7:
-            data = data[: len(data) // 3]  # truncated: validate rejects it
-        (d / f"{i:03d}-{wav.stem}.wav").write_bytes(data)
-        (d / f"{i:03d}-{wav.stem}.txt").write_text(text)
-    return d
-
-
-def _write_recipe(path: Path, speech: Path, output: Path, executor: str) -> Path:
-    doc = {
-        "name": "killme",
-        "output": str(output),
-        "sources": [{"name": "speech", "type": "local", "path": str(speech), "unit_size": UNIT_SIZE}],
-        "pipeline": [{"op": "validate", "params": {"threads": 1}}],
-        "shards": {"max_samples": 2},
-        "executor": {"type": executor, "num_cpus": 2, "object_store_memory": "256MB", "log_to_driver": False},
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+from tests.conftest import N_CLIPS, UNIT_SIZE, write_speech_recipe
 
 
 def _kill_midway(recipe: Path, output: Path, total_units: int) -> int:
@@ -83,20 +50,13 @@ def _kill_midway(recipe: Path, output: Path, total_units: int) -> int:
     return committed
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("clean")
-    run_recipe(load_recipe(str(_write_recipe(d / "clean.yaml", speech_dir, d / "run", "local"))), progress=False)
-    return d / "run"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_killed_run_resumes_exactly(speech_dir: Path, uninterrupted: Path, tmp_path: Path, executor: str) -> None:
     total_units = -(-N_CLIPS // UNIT_SIZE)
 
     out = tmp_path / "killed"
-    recipe = _write_recipe(tmp_path / "killed.yaml", speech_dir, out, executor)
+    recipe = write_speech_recipe(tmp_path / "killed.yaml", speech_dir, out, executor)
     _kill_midway(recipe, out, total_units)
     assert not audit(str(out)).balanced, "an interrupted run must not pass the audit"
 
