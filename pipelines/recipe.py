@@ -47,6 +47,7 @@ class Recipe:
     max_shard_samples: int = 10_000
     max_shard_bytes: int = 1 << 30
     max_inline_bytes: int = 64 << 20  # media larger than this stay as URIs
+    max_text_bytes: int = 16 << 20  # a text file or JSONL line longer than this is rejected
     executor: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."
@@ -57,6 +58,7 @@ class Recipe:
             "steps": [vars(s) for s in self.steps],
             "imports": self.imports,
             "shards": [self.max_shard_samples, self.max_shard_bytes, self.max_inline_bytes],
+            "limits": [self.max_text_bytes],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -124,6 +126,7 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
         max_shard_samples=int(shards.get("max_samples", 10_000)),
         max_shard_bytes=parse_size(shards.get("max_bytes", 1 << 30)),
         max_inline_bytes=parse_size(shards.get("max_inline_bytes", 64 << 20)),
+        max_text_bytes=parse_size((doc.get("limits") or {}).get("max_text_bytes", 16 << 20)),
         executor=dict(doc.get("executor") or {}),
         storage=dict(doc.get("storage") or {}),
         base_dir=base_dir,

@@ -170,13 +170,15 @@ def _local_group_sample(root: str, group: list[str], spec: SourceSpec, recipe: R
         for rel in by_modality.get(modality, []):
             path = storage.join(root, rel)
             if modality == "text":
-                segments.append(Segment("text", text=_read_text(path)))
+                segments.append(Segment("text", text=_read_text(path, recipe.max_text_bytes)))
             else:
                 segments.append(_media_segment(modality, path, recipe))
     return make_sample(spec.name, kind_for(s.modality for s in segments), segments, locator, meta)
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, max_bytes: int) -> str:
+    if storage.size(path) > max_bytes:
+        raise ValueError(f"text too large: {path}: over {max_bytes} bytes")
     data = storage.read_bytes(path)
     if not data.strip():
         raise ValueError(f"empty text: {path}")
@@ -244,11 +246,17 @@ def _read_jsonl(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Itera
             f.readline()  # the line holding byte start-1 belongs to the previous unit
         pos = f.tell()
         while pos < end or (start == end == 0 and pos == 0):
-            line = f.readline()
+            line = f.readline(recipe.max_text_bytes + 1)
             if not line:
                 break
             locator = f"{_relative(spec, path)}@{pos}"
             pos += len(line)
+            if len(line) > recipe.max_text_bytes and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # skip the rest without holding it
+                    line = f.readline(1 << 20)
+                    pos += len(line)
+                yield _reject(spec.name, locator, "line too long", f"over {recipe.max_text_bytes} bytes")
+                continue
             if not line.strip():
                 continue
             try:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +16,7 @@ from shards.manifest import read_shardset_manifest, shard_urls, write_shardset_m
 from shards.reader import iter_records, iter_samples, read_shard
 from shards.schema import SAMPLE_SCHEMA, Segment, content_id, kind_for, make_sample, samples_table, with_segment_meta
 from shards.writer import ShardWriter
+from tests.hostile import link, tar_with
 
 
 def _samples(n: int) -> list[dict]:
@@ -125,31 +124,14 @@ def test_reads_img2dataset_tar_written_by_plain_tarfile(tmp_path: Path) -> None:
     assert json.loads(s["meta"])["foreign"]["url"] == f"http://x/{names[0]}"
 
 
-def _tar_with(members: list[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tar.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                tar.addfile(info, io.BytesIO(m[1]))
-    return buf.getvalue()
-
-
 def test_hostile_tar_members_are_rejected_not_extracted(tmp_path: Path) -> None:
-    link = tarfile.TarInfo("ok2.jpg")
-    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    hard = tarfile.TarInfo("ok3.txt")
-    hard.type, hard.linkname = tarfile.LNKTYPE, "ok.txt"
-    data = _tar_with(
+    data = tar_with(
         [
             ("ok.txt", b"a caption"),
             ("../../evil.txt", b"x"),
             ("/etc/evil.txt", b"x"),
-            link,
-            hard,
+            link("ok2.jpg", "/etc/passwd"),
+            link("ok3.txt", "ok.txt", hard=True),
             ("bad.txt", b"\xff\xfe\xfa"),
             ("pickled.pyd", b"\x80\x04K\x01."),
         ]

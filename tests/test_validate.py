@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,17 +13,7 @@ from filters.integrity import Validate
 from pipelines.demo_data import asterisk_prompts, photo_bytes, slideshow
 from pipelines.operator import get_operator, split_rejected
 from shards.schema import Segment, loads_meta, make_sample, samples_table
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims billions of pixels (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * (1 + width // 8) * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+from tests.hostile import png_bomb
 
 
 @pytest.fixture(scope="module")
