@@ -8,6 +8,7 @@ The S3 endpoint comes from the recipe's ``storage`` block or ``AWS_ENDPOINT_URL`
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -82,8 +83,10 @@ def read_bytes(path: str) -> bytes:
 
 
 def open_read(path: str) -> IO[bytes]:
+    """A seekable binary reader with the full ``io`` interface (``readline(size)`` included)."""
     fs, p = filesystem(path)
-    return fs.open(p, "rb")
+    f = fs.open(p, "rb")
+    return io.BufferedReader(f, buffer_size=1 << 20) if is_remote(path) else f
 
 
 @contextlib.contextmanager
