@@ -69,8 +69,7 @@ class ShardWriter:
         self.written: list[ShardInfo] = []
         self._index = 0
         self._ctx: Any = None
-        self._hasher: _HashingWriter | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._out: _HashingWriter | None = None
         self._stats = ShardStats()
         self._bytes = 0
         self._name = ""
@@ -88,35 +87,40 @@ class ShardWriter:
         self._name = f"{self.prefix}-{self._index:05d}.tar"
         self._index += 1
         self._ctx = storage.atomic_write(storage.join(self.directory, self._name))
-        self._hasher = _HashingWriter(self._ctx.__enter__())
-        self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._out = _HashingWriter(self._ctx.__enter__())
         self._stats = ShardStats()
         self._bytes = 0
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._hasher is not None
-        self._tar.close()
+        assert self._out is not None
+        # What tarfile.close() writes: the end-of-archive blocks, then zeros up to a full record.
+        self._out.write(bytes(final_tar_size(self._bytes) - self._bytes))
         self._ctx.__exit__(None, None, None)
-        self.written.append(ShardInfo(self._name, self._hasher.sha.hexdigest(), self._hasher.count, self._stats))
-        self._tar = self._hasher = self._ctx = None
+        self.written.append(ShardInfo(self._name, self._out.sha.hexdigest(), self._out.count, self._stats))
+        self._out = self._ctx = None
 
     def write(self, row: Mapping[str, Any]) -> None:
-        members = encode_sample(row)
-        size = encoded_size(members)
-        if self._tar is not None and (self._stats.samples >= self.max_samples or self._bytes + size > self.max_bytes):
-            self._finish()
-        if self._tar is None:
-            self._open()
-        assert self._tar is not None
         key = row["id"]
         if "." in key or "/" in key:
             raise ValueError(f"sample id {key!r} cannot be a WebDataset key")
+        members = encode_sample(row)
+        size = encoded_size(members)
+        if self._out is not None and (
+            self._stats.samples >= self.max_samples or final_tar_size(self._bytes + size) > self.max_bytes
+        ):
+            self._finish()
+        if self._out is None:
+            self._open()
+        assert self._out is not None
         for suffix, data in members.items():
+            # The same USTAR member tarfile's addfile writes, without its stream layer in between.
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            self._out.write(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            self._out.write(data)
+            self._out.write(bytes(-len(data) % TAR_BLOCK))
         self._stats.add(row)
         self._bytes += size
 
@@ -126,7 +130,7 @@ class ShardWriter:
         return self.close()
 
     def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
+        if self._out is not None:
             self._finish()
         return self.written
 
@@ -137,4 +141,4 @@ class ShardWriter:
                 self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
             except RuntimeError:
                 pass
-        self._tar = self._hasher = self._ctx = None
+        self._out = self._ctx = None
