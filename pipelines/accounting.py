@@ -16,13 +16,6 @@ from shards.schema import dumps_meta, loads_meta, with_segment_meta
 from shards.tokens import MissingMediaFacts, TokenRules, segment_tokens
 
 
-def load_text_tokenizer(path: str) -> Any:
-    """A fast tokenizer from a local directory; never reaches for a hub."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 @register
 class CountTokens(Operator):
     """Params: ``tokenizer`` (local tokenizer dir) and any ``TokenRules`` field (pixel caps, fps...)."""
@@ -38,7 +31,9 @@ class CountTokens(Operator):
         self.tokenizer: Any = None
 
     def setup(self) -> None:
-        self.tokenizer = load_text_tokenizer(self.tokenizer_path)
+        from trainer.tokenizer import load_tokenizer  # the model's own tokenizer, from a local dir
+
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
 
     def _count_texts(self, texts: list[str]) -> dict[str, int]:
         unique = sorted(set(texts))

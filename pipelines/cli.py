@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="where sources and the run go (default demo_out)")
     d.add_argument("--executor", choices=("ray", "local"), default="ray")
     d.set_defaults(fn=_cmd_demo)
+
+    from trainer.cli import register as register_train
+
+    register_train(sub)  # omni train, omni train-all
     return p
 
 

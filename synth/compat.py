@@ -13,7 +13,8 @@ import types
 from typing import Any
 
 
-def import_open_clip() -> Any:
+def ensure_torchvision_importable() -> None:
+    """Apply the shim if needed; open_clip and transformers both import torchvision."""
     try:
         import torchvision  # noqa: F401
     except RuntimeError as e:
@@ -23,6 +24,12 @@ def import_open_clip() -> Any:
             del sys.modules[name]
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
         import torchvision  # noqa: F401
+    except ImportError:
+        pass  # no torchvision at all: nothing to fix
+
+
+def import_open_clip() -> Any:
+    ensure_torchvision_importable()
     import open_clip
 
     return open_clip

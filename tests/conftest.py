@@ -115,19 +115,11 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def text_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real byte-level BPE trained on the demo's multilingual text, saved as a HF tokenizer dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The trainer's tiny byte-level BPE, trained on the demo's multilingual text."""
     from pipelines.demo_data import MULTILINGUAL, PHOTOS, SPOKEN
+    from trainer.tokenizer import train_tiny_tokenizer
 
     texts = [t for _, t in MULTILINGUAL + SPOKEN] + list(PHOTOS.values())
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts * 4, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    out = tmp_path_factory.mktemp("tokenizer") / "tok"
+    train_tiny_tokenizer(texts * 4, out, vocab_size=600)
     return str(out)

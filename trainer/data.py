@@ -1,0 +1,393 @@
+"""Shards → packed training sequences: streaming, rank/worker split, weighted mixture, exact resume.
+
+Each mixture entry is a list of shard-set manifests (local or ``s3://``), optionally filtered to
+some sample kinds (the manifest's per-shard kind counts skip shards that hold none). An entry is an
+endless sequence of *shard slots*: epoch ``e`` visits its shards in a permutation seeded by ``e``;
+slot ``k`` belongs to stream ``k mod W``, where the W streams are every (rank, loader worker). So no
+two streams ever read the same slot, and a tiny set still feeds every stream (in alternate epochs).
+Shards are read with webdataset's tar iterators and decoded by ``shards.codec.decode_sample``.
+
+A stream draws an entry by weight (a PCG64 generator), builds the sample's sequence
+(``trainer.sequence``) and packs greedily into ``seq_len``. The data position — every entry's slot
+and offset and the generator state — is snapshotted before each draw; a pack carries the snapshot
+taken before the example that did not fit in it. Restarting from that snapshot re-reads that example
+first, so the packing buffer needs no storage and a resumed run sees exactly the same sample ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards import storage
+from shards.codec import DecodeError, decode_sample
+from shards.manifest import read_shardset_manifest
+from trainer.sequence import IGNORE, Example, SkipSample, build_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MixtureEntry:
+    """One weighted source of a stage's mixture, resolved to shard URLs."""
+
+    name: str
+    shards: list[str]
+    weight: float
+    kinds: list[str] | None = None
+    format: str | None = None
+    samples: int = 0
+
+
+def resolve_entry(spec: dict[str, Any]) -> MixtureEntry:
+    """Read the entry's manifests; keep shards that hold any wanted kind."""
+    manifests = spec.get("manifests") or [spec["manifest"]]
+    kinds = list(spec["kinds"]) if spec.get("kinds") else None
+    urls: list[str] = []
+    samples = 0
+    for m in manifests:
+        directory = m.rsplit("/", 1)[0] if m.endswith(".json") else m
+        try:
+            doc = read_shardset_manifest(m)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"mixture entry {spec.get('name')!r}: no shard-set manifest at {m}") from e
+        for shard in doc["shards"]:
+            n = sum(shard.get("kinds", {}).get(k, 0) for k in kinds) if kinds else shard["samples"]
+            if n:
+                urls.append(storage.join(directory, shard["path"]))
+                samples += n
+    if not urls:
+        raise ValueError(f"mixture entry {spec.get('name')!r}: no shard in {manifests} holds kinds {kinds}")
+    return MixtureEntry(
+        spec.get("name", manifests[0]), urls, float(spec.get("weight", 1.0)), kinds, spec.get("format"), samples
+    )
+
+
+def _tar_samples(url: str, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of one shard via webdataset's tar iterators, after skipping ``skip`` samples."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with storage.open_read(url) as f:
+        files = ({**item, "__url__": url} for item in tar_file_iterator(f))
+        for i, sample in enumerate(group_by_keys(files)):
+            if i < skip:
+                continue
+            yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+class EntryStream:
+    """One stream's endless walk over its slots of one mixture entry; ``position`` is resumable."""
+
+    def __init__(self, entry: MixtureEntry, seed: int, index: int, stream: int, streams: int, position=None):
+        self.entry = entry
+        self.seed, self.index = seed, index
+        self.streams = streams
+        self.slot, self.offset = position if position is not None else (stream, 0)
+        self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
+        self._empty_slots = 0
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.slot, self.offset
+
+    def _shard(self, slot: int) -> str:
+        n = len(self.entry.shards)
+        epoch, i = divmod(slot, n)
+        order = np.random.default_rng([self.seed, self.index, epoch]).permutation(n)
+        return self.entry.shards[int(order[i])]
+
+    def next_sample(self) -> dict[str, Any]:
+        """The next sample of a wanted kind; undecodable ones are skipped (they are counted by the caller)."""
+        while True:
+            if self._it is None:
+                self._it = _tar_samples(self._shard(self.slot), self.offset)
+            try:
+                key, members = next(self._it)
+            except StopIteration:
+                self._next_slot()
+                continue
+            except (tarfile.TarError, OSError, ValueError) as e:  # a truncated or unreadable shard ends early
+                self._next_slot()
+                raise SkipSample(f"unreadable shard: {type(e).__name__}") from e
+            self.offset += 1
+            try:
+                row = decode_sample(key, members)
+            except DecodeError as e:
+                raise SkipSample(f"undecodable sample: {e.reason}") from e
+            if self.entry.kinds and row["kind"] not in self.entry.kinds:
+                continue
+            self._empty_slots = 0
+            return row
+
+    def _next_slot(self) -> None:
+        self.close()
+        self.slot, self.offset = self.slot + self.streams, 0
+        self._empty_slots += 1
+        if self._empty_slots > 2 * len(self.entry.shards) + self.streams:
+            raise RuntimeError(f"mixture entry {self.entry.name!r} yields no samples")
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+@dataclass
+class Pack:
+    """Examples packed into one row of ``seq_len`` tokens."""
+
+    examples: list[Example] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return sum(len(e) for e in self.examples)
+
+
+class PackedStream(IterableDataset):
+    """Packs for one rank; each DataLoader worker is one stream. Yields ``(pack arrays, state)``."""
+
+    def __init__(
+        self,
+        entries: list[MixtureEntry],
+        model_cfg: dict[str, Any],
+        tokenizer_path: str,
+        seq_len: int,
+        seed: int,
+        rank: int,
+        world: int,
+        num_workers: int,
+        states: dict[int, dict[str, Any]] | None = None,
+        rotation: int = 0,
+    ) -> None:
+        self.entries = entries
+        self.model_cfg = model_cfg
+        self.tokenizer_path = tokenizer_path
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.num_workers = max(1, num_workers)
+        self.states = states or {}
+        self.rotation = rotation
+        weights = np.array([e.weight for e in entries], dtype=np.float64)
+        if (weights <= 0).any():
+            raise ValueError("mixture weights must be positive")
+        self.weights = weights / weights.sum()
+
+    def _logical_worker(self) -> int:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        return (physical + self.rotation) % self.num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from trainer.media import MediaProcessor
+        from trainer.tokenizer import load_tokenizer, special_ids
+
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # loader workers decode media; the rank's threads do the math
+        logical = self._logical_worker()
+        stream = self.rank * self.num_workers + logical
+        streams = self.world * self.num_workers
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        sp = special_ids(tokenizer)
+        media = MediaProcessor.from_model_config(self.model_cfg)
+        state = copy.deepcopy(self.states.get(logical))
+        positions = state["positions"] if state else [None] * len(self.entries)
+        sources = [
+            EntryStream(e, self.seed, i, stream, streams, tuple(p) if p is not None else None)
+            for i, (e, p) in enumerate(zip(self.entries, positions, strict=True))
+        ]
+        rng = np.random.Generator(np.random.PCG64([self.seed, stream]))
+        if state:
+            rng.bit_generator.state = state["rng"]
+        skipped: Counter = Counter(state["skipped"] if state else {})
+
+        cumulative = np.cumsum(self.weights)
+
+        def snapshot() -> dict[str, Any]:
+            st = rng.bit_generator.state  # a fresh dict of ints each call
+            return {
+                "worker": logical,
+                "stream": stream,
+                "positions": [list(s.position) for s in sources],
+                "rng": st,
+                "skipped": dict(skipped),
+            }
+
+        def next_example() -> Example:
+            while True:
+                pick = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(sources) - 1)
+                src = sources[pick]
+                try:
+                    sample = src.next_sample()
+                    ex = build_example(sample, src.entry.format, tokenizer, sp, media).truncated(self.seq_len)
+                    if not ex.learns_something():
+                        raise SkipSample("nothing to learn within seq_len")
+                    return ex
+                except SkipSample as e:
+                    skipped[str(e)] += 1
+
+        pack = Pack()
+        try:
+            while True:
+                snap = snapshot()
+                ex = next_example()
+                if pack.examples and pack.length + len(ex) > self.seq_len:
+                    yield pack_arrays(pack, self.seq_len, sp.eos, snap)
+                    pack = Pack()
+                pack.examples.append(ex)
+        finally:
+            for s in sources:
+                s.close()
+
+
+def pack_arrays(pack: Pack, seq_len: int, pad_id: int, state: dict[str, Any]) -> dict[str, Any]:
+    """One pack as arrays (padded to ``seq_len``), its media, its sample ids and the state after it."""
+    ids = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE, dtype=np.int64)
+    positions = np.zeros(seq_len, dtype=np.int64)
+    tags = np.zeros(seq_len, dtype=np.int64)
+    images, audios, at = [], [], 0
+    for ex in pack.examples:
+        n = len(ex)
+        ids[at : at + n] = ex.ids
+        labels[at : at + n] = ex.labels
+        positions[at : at + n] = np.arange(n)
+        tags[at : at + n] = ex.tag
+        images.extend(ex.images)
+        audios.extend(ex.audios)
+        at += n
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "loss_tags": tags,
+        "images": images,
+        "audios": audios,
+        "sample_ids": [ex.sample_id for ex in pack.examples],
+        "tokens": at,
+        "state": state,
+    }
+
+
+def collate(packs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack packs into a micro-batch; media in row order, matching the placeholders' order."""
+    batch: dict[str, Any] = {
+        k: torch.from_numpy(np.stack([p[k] for p in packs]))
+        for k in ("input_ids", "labels", "position_ids", "loss_tags")
+    }
+    images = [im for p in packs for im in p["images"]]
+    if images:
+        batch["pixel_values"] = torch.from_numpy(np.concatenate([im.patches for im in images]))
+        batch["image_grid_thw"] = torch.tensor([im.grid for im in images], dtype=torch.long)
+    audios = [a for p in packs for a in p["audios"]]
+    if audios:
+        batch["audio_mels"] = [torch.from_numpy(m) for a in audios for m in a.mels]
+        batch["audio_chunk_clip"] = torch.tensor([i for i, a in enumerate(audios) for _ in a.mels])
+        batch["audio_frames"] = torch.tensor([a.frames for a in audios])
+        batch["audio_generate"] = torch.tensor([a.generate for a in audios])
+    batch["meta"] = {
+        "sample_ids": [p["sample_ids"] for p in packs],
+        "tokens": sum(p["tokens"] for p in packs),
+        "samples": sum(len(p["sample_ids"]) for p in packs),
+        "state": packs[-1]["state"],
+    }
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if k == "meta":
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+    return out
+
+
+def make_loader(
+    entries: list[MixtureEntry],
+    model_cfg: dict[str, Any],
+    tokenizer_path: str,
+    seq_len: int,
+    micro_batch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+    data_state: dict[str, Any] | None = None,
+) -> DataLoader:
+    """A loader that resumes at ``data_state`` (what ``DataPosition.as_dict`` saved) when given."""
+    states, rotation = {}, 0
+    if data_state:
+        if data_state["num_workers"] != max(1, num_workers) or data_state["world"] != world:
+            raise ValueError(
+                f"the data position was saved with {data_state['world']} ranks x {data_state['num_workers']} "
+                f"workers; resume with the same (now {world} x {max(1, num_workers)})"
+            )
+        states = {int(k): v for k, v in data_state["workers"].items()}
+        rotation = data_state["microbatches"] % max(1, num_workers)
+    ds = PackedStream(entries, model_cfg, tokenizer_path, seq_len, seed, rank, world, num_workers, states, rotation)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": 2, "multiprocessing_context": "fork" if os.name == "posix" else None}
+    return DataLoader(ds, batch_size=micro_batch, collate_fn=collate, num_workers=num_workers, **kwargs)
+
+
+@dataclass
+class DataPosition:
+    """What a rank has consumed: micro-batches and the latest state of every logical worker."""
+
+    world: int
+    num_workers: int
+    microbatches: int = 0
+    workers: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def consumed(self, batch_meta: dict[str, Any]) -> None:
+        self.microbatches += 1
+        self.workers[batch_meta["state"]["worker"]] = batch_meta["state"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "num_workers": max(1, self.num_workers),
+            "microbatches": self.microbatches,
+            "workers": {str(k): v for k, v in self.workers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        return cls(d["world"], d["num_workers"], d["microbatches"], {int(k): v for k, v in d["workers"].items()})
+
+
+def corpus_texts(manifests: list[str], limit: int = 100_000) -> Iterator[str]:
+    """Text segments of the shard sets (to train the tiny tokenizer), then the formats' fixed prompts."""
+    from shards.manifest import shard_urls
+    from trainer.sequence import FORMATS
+
+    n = 0
+    for m in manifests:
+        for url in shard_urls(m):
+            for key, members in _tar_samples(url, 0):
+                try:
+                    row = decode_sample(key, members)
+                except DecodeError:
+                    continue
+                for seg in row["segments"]:
+                    if seg["modality"] == "text" and seg.get("text"):
+                        yield seg["text"]
+                        n += 1
+                        if n >= limit:
+                            return
+    yield from (f.prompt for f in FORMATS.values() if f.prompt)

@@ -1,0 +1,450 @@
+"""The omni model of PAPER.md, composed of real parts, with the released code's module names.
+
+- ``model.embed_tokens / model.layers / model.norm`` + ``lm_head``: a Qwen2 LLM (transformers),
+  loaded from a local pretrained path or built from a config.
+- ``model.visual_model``: Qwen2-VL's NaViT vision transformer (its own merger removed, as released);
+  ``model.visual_bridge_model``: the 2×2 patch-merge MLP projector into the LLM width.
+- ``audio_tokenizer``: Whisper-style encoder (50 Hz) → gated-conv bridge to 12.5 Hz → 8-codebook
+  residual VQ (+ the reconstruction decoder used to train/decode it). Always frozen in LLM training.
+- ``model.audio_embed_layers``: 8 code embeddings summed into one LLM position per 12.5 Hz frame.
+- ``audio_head``: a depth transformer over the 8 codebooks with per-codebook FFNs and 8 classifiers,
+  fed the LLM's hidden state; it predicts the next audio frame for speech output.
+
+Every forward touches every trainable part (zero-weighted dummy inputs when a batch lacks a
+modality), as the released code does, so ZeRO/DDP ranks always reduce the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import hf_compat  # noqa: F401  (before transformers)
+
+TAGS = ("text", "image", "video", "audio", "omni", "audio_gen")
+AUDIO_GEN_TAG = TAGS.index("audio_gen")
+
+
+# ---------------------------------------------------------------- audio tokenizer
+
+
+class AudioBridge(nn.Module):
+    """Gated conv-MLP that folds ``downsample`` encoder frames into one (50 Hz → 12.5 Hz), with a residual."""
+
+    def __init__(self, d_model: int, downsample: int) -> None:
+        super().__init__()
+        self.k = downsample
+        width = d_model * downsample
+        self.gate_proj = nn.Conv1d(d_model, width, downsample, stride=downsample)
+        self.up_proj = nn.Conv1d(d_model, width, downsample, stride=downsample)
+        self.down_proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, ceil(T/k), d*k]
+        pad = (-x.shape[1]) % self.k
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        xc = x.transpose(1, 2)
+        h = (F.silu(self.gate_proj(xc)) * self.up_proj(xc)).transpose(1, 2)
+        h = self.down_proj(h) + x.reshape(x.shape[0], -1, x.shape[2] * self.k)
+        return self.norm(h)
+
+
+class VQLayer(nn.Module):
+    """One codebook: nearest code by Euclidean distance. ``cluster_size``/``embed_avg`` hold its EMA state."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(size, dim), requires_grad=False)
+        self.cluster_size = nn.Parameter(torch.zeros(size), requires_grad=False)
+        self.embed_avg = nn.Parameter(torch.zeros(size, dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, xf = self.embed.float(), x.float()  # distances in fp32: bf16 would flip near-ties between codes
+        dist = xf.pow(2).sum(-1, keepdim=True) - 2 * xf @ e.t() + e.pow(2).sum(-1)
+        codes = dist.argmin(-1)
+        return codes, F.embedding(codes, e).to(x.dtype)
+
+
+class ResidualVQ(nn.Module):
+    def __init__(self, sizes: list[int], dim: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VQLayer(s, dim) for s in sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim] -> codes [N, n_q]
+        residual, codes = x, []
+        for layer in self.layers:
+            c, q = layer(residual)
+            codes.append(c)
+            residual = residual - q
+        return torch.stack(codes, -1)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        return sum(F.embedding(codes[..., i], layer.embed) for i, layer in enumerate(self.layers))
+
+
+class AudioDecoder(nn.Module):
+    """Reconstruction decoder (codes → coarse and refined mel), the tokenizer's training target."""
+
+    def __init__(self, d_model: int, downsample: int, layers: int, heads: int, ffn: int, n_mels: int, refine: dict):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(d_model * downsample, d_model, downsample, stride=downsample)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, ffn, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.up2 = nn.ConvTranspose1d(d_model, d_model, 2, stride=2)
+        self.to_mel = nn.Linear(d_model, n_mels)
+        ch, n = refine.get("channels", 256), refine.get("layers", 5)
+        dims = [n_mels] + [ch] * (n - 1) + [n_mels]
+        self.refine = nn.ModuleList(nn.Conv1d(dims[i], dims[i + 1], 5, padding=2) for i in range(n))
+
+    def forward(self, quantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, N, d*k]
+        h = self.up(quantized.transpose(1, 2)).transpose(1, 2)
+        causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
+        for layer in self.layers:
+            h = layer(h, src_mask=causal, is_causal=True)
+        h = self.up2(h.transpose(1, 2)).transpose(1, 2)
+        coarse = self.to_mel(h).transpose(1, 2)  # [B, n_mels, 8N]
+        refined = coarse
+        for i, conv in enumerate(self.refine):
+            refined = conv(refined)
+            if i < len(self.refine) - 1:
+                refined = torch.tanh(refined)
+        return coarse, coarse + refined
+
+
+class AudioTokenizer(nn.Module):
+    """Mel → Whisper encoder → 12.5 Hz bridge → 8 RVQ codes per frame. Frozen; runs without grad."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        enc = dict(cfg["encoder"])
+        wcfg = WhisperConfig(
+            d_model=enc["d_model"],
+            encoder_layers=enc["encoder_layers"],
+            encoder_attention_heads=enc["encoder_attention_heads"],
+            encoder_ffn_dim=enc["encoder_ffn_dim"],
+            num_mel_bins=enc.get("num_mel_bins", 128),
+            max_source_positions=enc.get("max_source_positions", 1500),
+            decoder_layers=1,
+            activation_function="gelu",
+        )
+        self.downsample = cfg.get("downsample", 4)
+        self.encoder = WhisperEncoder(wcfg)
+        self.bridge = AudioBridge(wcfg.d_model, self.downsample)
+        self.quantizer = ResidualVQ(list(cfg["codebook_sizes"]), wcfg.d_model * self.downsample)
+        dec = cfg.get("decoder", {})
+        self.decoder = AudioDecoder(
+            wcfg.d_model,
+            self.downsample,
+            dec.get("layers", 8),
+            dec.get("heads", enc["encoder_attention_heads"]),
+            dec.get("ffn", enc["encoder_ffn_dim"]),
+            dec.get("n_mels", 80),
+            dec.get("refine", {}),
+        )
+
+    def encode(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper's encoder over zero-padded mel chunks ``[B, n_mels, T]`` with their true ``lengths``.
+
+        Padding is masked out (conv outputs zeroed, padded keys masked), so each chunk encodes as if alone;
+        one batched call keeps every rank's module calls identical, which ZeRO-3 needs."""
+        enc = self.encoder
+        t_mel = torch.arange(mel.shape[-1], device=mel.device)
+        h = F.gelu(enc.conv1(mel)) * (t_mel[None, :] < lengths[:, None]).unsqueeze(1).to(mel.dtype)
+        h = F.gelu(enc.conv2(h)).permute(0, 2, 1)
+        enc_len = (lengths + 1) // 2
+        valid = torch.arange(h.shape[1], device=h.device)[None, :] < enc_len[:, None]  # [B, T']
+        h = h + enc.embed_positions(torch.arange(h.shape[1], device=h.device))
+        mask = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, torch.finfo(h.dtype).min)
+        mask = mask[:, None, None, :].expand(-1, 1, h.shape[1], -1)
+        for layer in enc.layers:
+            h = layer(h, attention_mask=mask, layer_head_mask=None)[0]
+        return enc.layer_norm(h) * valid.unsqueeze(-1).to(h.dtype), enc_len
+
+    @torch.no_grad()
+    def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes ``[frames, n_q]`` for each mel chunk ``[n_mels, T]``, all chunks in one padded batch."""
+        dtype = self.bridge.norm.weight.dtype
+        lengths = torch.tensor([m.shape[-1] for m in mels], device=mels[0].device)
+        batch = torch.zeros(len(mels), mels[0].shape[0], int(lengths.max()), dtype=dtype, device=mels[0].device)
+        for i, m in enumerate(mels):
+            batch[i, :, : m.shape[-1]] = m.to(dtype)
+        h, enc_len = self.encode(batch, lengths)
+        q = self.bridge(h)
+        codes = self.quantizer(q.reshape(-1, q.shape[-1])).reshape(q.shape[0], q.shape[1], -1)
+        frames = (enc_len + self.downsample - 1) // self.downsample
+        return [codes[i, : int(n)] for i, n in enumerate(frames)]
+
+    @torch.no_grad()
+    def decode_mel(self, codes: torch.Tensor) -> torch.Tensor:
+        """Refined mel ``[n_mels, 8·frames]`` for codes ``[frames, n_q]`` (what flow matching refines further)."""
+        q = self.quantizer.dequantize(codes).unsqueeze(0).to(self.bridge.norm.weight.dtype)
+        return self.decoder(q)[1][0]
+
+
+# ---------------------------------------------------------------- audio head
+
+
+class DepthLayer(nn.Module):
+    """Causal attention across the codebook axis, then an FFN with separate weights per codebook."""
+
+    def __init__(self, d: int, heads: int, ffn: int, n_q: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, bias=False, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.w_in = nn.Parameter(torch.randn(n_q, d, ffn) / math.sqrt(d))
+        self.w_out = nn.Parameter(torch.randn(n_q, ffn, d) / math.sqrt(ffn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [F, n_q, d]
+        n = x.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+        h = F.gelu(torch.einsum("fqd,qdh->fqh", self.norm2(x), self.w_in.to(x.dtype)))
+        return x + torch.einsum("fqh,qhd->fqd", h, self.w_out.to(x.dtype))
+
+
+class AudioHead(nn.Module):
+    """Predicts one 12.5 Hz frame's 8 codes (+ end-of-audio) from the LLM hidden state, RQ-Transformer style."""
+
+    def __init__(self, d: int, codebook_sizes: list[int], layers: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        n_q = len(codebook_sizes)
+        self.layers = nn.ModuleList(DepthLayer(d, heads, d * ffn_mult, n_q) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.classifiers = nn.ModuleList(nn.Linear(d, s + 1, bias=False) for s in codebook_sizes)
+
+    def forward(self, hidden: torch.Tensor, prev_code_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """``hidden [F, d]``; ``prev_code_embeds [F, n_q, d]`` (teacher-forced codes); logits per codebook."""
+        shifted = torch.cumsum(prev_code_embeds, dim=1)[:, :-1]
+        x = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1) + hidden.unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        return [clf(x[:, i]) for i, clf in enumerate(self.classifiers)]
+
+
+# ---------------------------------------------------------------- the omni model
+
+
+def _attn_implementation(requested: str | None) -> str:
+    if requested and requested != "auto":
+        return requested
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+class OmniModel(nn.Module):
+    def __init__(self, cfg: dict[str, Any], vocab_size: int | None = None, special: Any = None) -> None:
+        super().__init__()
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
+
+        self.cfg = cfg
+        llm_cfg = cfg["llm"]
+        attn = _attn_implementation(llm_cfg.get("attn_implementation"))
+        if llm_cfg.get("pretrained"):
+            llm = Qwen2ForCausalLM.from_pretrained(
+                llm_cfg["pretrained"], local_files_only=True, attn_implementation=attn
+            )
+        else:
+            c = dict(llm_cfg["config"])
+            if c.get("vocab_size") is None:
+                if vocab_size is None:
+                    raise ValueError("llm.config.vocab_size is null: pass the tokenizer's length")
+                c["vocab_size"] = -(-vocab_size // 64) * 64
+            llm = Qwen2ForCausalLM(Qwen2Config(**c, attn_implementation=attn))
+        if vocab_size is not None and vocab_size > llm.config.vocab_size:
+            raise ValueError(f"tokenizer has {vocab_size} tokens, the LLM only {llm.config.vocab_size}")
+        self.llm_config = llm.config
+        hidden = llm.config.hidden_size
+        self.model = llm.model
+        self.lm_head = llm.lm_head
+
+        vcfg = dict(cfg["vision"]["config"])
+        vcfg["hidden_size"] = hidden
+        vision_config = Qwen2VLVisionConfig(**vcfg)
+        vision_config._attn_implementation = "sdpa" if attn == "sdpa" else attn
+        visual = Qwen2VisionTransformerPretrainedModel(vision_config)
+        visual.merger = nn.Identity()  # the released model replaces Qwen's merger with its own bridge
+        self.model.visual_model = visual
+        self.model.visual_bridge_model = PatchMerger(
+            dim=hidden, context_dim=vision_config.embed_dim, spatial_merge_size=vision_config.spatial_merge_size
+        )
+        self.patch_dim = 3 * vision_config.temporal_patch_size * vision_config.patch_size**2
+
+        acfg = cfg["audio"]
+        sizes = list(acfg["codebook_sizes"])
+        self.codebook_sizes = sizes
+        self.audio_tokenizer = AudioTokenizer(acfg)
+        self.audio_tokenizer.requires_grad_(False)
+        self.model.audio_embed_layers = nn.ModuleList(nn.Embedding(s + 1, hidden) for s in sizes)
+        head = cfg.get("audio_head", {})
+        self.audio_head = AudioHead(
+            hidden, sizes, head.get("layers", 3), head.get("heads", max(1, hidden // 128)), head.get("ffn_mult", 2)
+        )
+        self.audio_loss_weight = float(head.get("loss_weight", 1.0))
+        self.special = special
+
+    # -- helpers
+
+    def _dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[N, n_q]`` codes → ``[N, n_q, d]`` per-codebook embeddings."""
+        return torch.stack([emb(codes[:, i]) for i, emb in enumerate(self.model.audio_embed_layers)], dim=1)
+
+    def _vision(self, pixel_values: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+        fake = pixel_values is None or pixel_values.shape[0] == 0
+        if fake:  # one 2×2 patch window keeps the vision path in the graph
+            pixel_values = torch.zeros(4, self.patch_dim, device=self.lm_head.weight.device)
+            grid = torch.tensor([[1, 2, 2]], device=pixel_values.device)
+        feats = self.model.visual_model(pixel_values.to(self._dtype()), grid_thw=grid)
+        return self.model.visual_bridge_model(feats), fake
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        loss_tags: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        audio_mels: list[torch.Tensor] | None = None,
+        audio_chunk_clip: torch.Tensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        audio_generate: torch.Tensor | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` to back-propagate; per-tag loss sums and counts (``TAGS`` order) for logging."""
+        sp = self.special
+        device = input_ids.device
+        zero = torch.zeros((), device=device, dtype=torch.float32)
+        embeds = self.model.embed_tokens(input_ids)
+        flat = embeds.view(-1, embeds.shape[-1])
+        ids = input_ids.reshape(-1)
+
+        vis, fake_vis = self._vision(pixel_values, image_grid_thw)
+        if fake_vis:
+            zero = zero + vis.sum().float() * 0
+        else:
+            pos = (ids == sp.img_pad).nonzero(as_tuple=True)[0]
+            if pos.numel() != vis.shape[0]:
+                raise ValueError(f"{pos.numel()} image placeholders for {vis.shape[0]} visual tokens")
+            flat = flat.index_put((pos,), vis.to(flat.dtype))
+
+        clip_codes: list[torch.Tensor] = []
+        if not audio_mels:  # a tiny silent chunk keeps the tokenizer's calls identical on every rank
+            silent = torch.zeros(self.audio_tokenizer.encoder.config.num_mel_bins, 16, device=device)
+            self.audio_tokenizer([silent])
+        if audio_mels:
+            chunk_codes = self.audio_tokenizer(audio_mels)
+            per_clip: list[list[torch.Tensor]] = [[] for _ in range(len(audio_frames))]
+            for c, clip in zip(chunk_codes, audio_chunk_clip.tolist(), strict=True):
+                per_clip[clip].append(c)
+            clip_codes = [torch.cat(cs) for cs in per_clip]
+            all_codes = torch.cat(clip_codes)
+            pos = (ids == sp.audio_pad).nonzero(as_tuple=True)[0]
+            if pos.numel() != all_codes.shape[0]:
+                raise ValueError(f"{pos.numel()} audio placeholders for {all_codes.shape[0]} audio frames")
+            flat = flat.index_put((pos,), self.embed_codes(all_codes).sum(1).to(flat.dtype))
+        else:
+            dummy = self.embed_codes(torch.zeros(1, len(self.codebook_sizes), dtype=torch.long, device=device))
+            zero = zero + dummy.sum().float() * 0
+        embeds = flat.view_as(embeds)
+
+        hidden = self.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+        h_flat = hidden.reshape(-1, hidden.shape[-1])
+
+        n_tags = len(TAGS)
+        tag_loss = torch.zeros(n_tags, device=device, dtype=torch.float32)
+        tag_count = torch.zeros(n_tags, device=device, dtype=torch.float32)
+
+        # text: position i predicts labels[i + 1]; only labelled rows reach the LM head
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        tags = F.pad(loss_tags[:, 1:], (0, 1), value=0).reshape(-1)
+        rows = (targets != -100).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            ce = F.cross_entropy(self.lm_head(h_flat[rows]).float(), targets[rows], reduction="none")
+            tag_loss.index_add_(0, tags[rows], ce.detach())
+            tag_count.index_add_(0, tags[rows], torch.ones_like(ce))
+            loss = ce.mean()
+        else:
+            loss = self.lm_head(h_flat[:1]).float().sum() * 0
+
+        # audio head: the position before each generated frame predicts its 8 codes; the last frame, end-of-audio
+        gen_rows, gen_codes = self._audio_targets(ids, clip_codes, audio_frames, audio_generate)
+        if gen_rows is not None:
+            logits = self.audio_head(h_flat[gen_rows], self.embed_codes(gen_codes))
+            ce = torch.stack([F.cross_entropy(lg.float(), gen_codes[:, i]) for i, lg in enumerate(logits)])
+            audio_loss = ce.mean()
+            n = float(gen_codes.numel())
+            tag_loss[AUDIO_GEN_TAG] += audio_loss.detach() * n
+            tag_count[AUDIO_GEN_TAG] += n
+            loss = loss + self.audio_loss_weight * audio_loss
+        else:
+            dummy_codes = torch.zeros(1, len(self.codebook_sizes), dtype=torch.long, device=device)
+            logits = self.audio_head(h_flat[:1], self.embed_codes(dummy_codes))
+            zero = zero + sum(lg.float().sum() for lg in logits) * 0
+        return {"loss": loss + zero, "tag_loss": tag_loss, "tag_count": tag_count}
+
+    def _audio_targets(
+        self,
+        ids: torch.Tensor,
+        clip_codes: list[torch.Tensor],
+        frames: torch.Tensor | None,
+        generate: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not clip_codes or generate is None or not bool(generate.any()):
+            return None, None
+        pos = (ids == self.special.audio_pad).nonzero(as_tuple=True)[0]
+        eoa = torch.tensor(self.codebook_sizes, device=ids.device).unsqueeze(0)
+        rows, codes, start = [], [], 0
+        for n, gen, c in zip(frames.tolist(), generate.tolist(), clip_codes, strict=True):
+            if gen:
+                p = pos[start : start + n]
+                rows.append(torch.cat([p[:1] - 1, p]))  # <audiogen_start> predicts frame 1 ... frame N predicts EOA
+                codes.append(torch.cat([c, eoa]))
+            start += n
+        return torch.cat(rows), torch.cat(codes)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by the names a stage freezes/unfreezes (PAPER.md §8)."""
+    from trainer.stages import MODULE_GROUPS
+
+    counts = dict.fromkeys(MODULE_GROUPS, 0)
+    for name, p in model.named_parameters():
+        for group, prefixes in MODULE_GROUPS.items():
+            if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+                counts[group] += p.numel()
+                break
+    return counts
+
+
+def build_model(cfg: dict[str, Any], tokenizer: Any = None, device: str | torch.device | None = None) -> OmniModel:
+    """The omni model for a model config; ``device='meta'`` builds the shape only (parameter counts)."""
+    from trainer.tokenizer import special_ids
+
+    vocab = len(tokenizer) if tokenizer is not None else None
+    special = special_ids(tokenizer) if tokenizer is not None else None
+    if device is not None:
+        with torch.device(device):
+            return OmniModel(cfg, vocab, special)
+    return OmniModel(cfg, vocab, special)

@@ -1,0 +1,250 @@
+"""Stage configs (conf/stages/*.yaml): what trains, at which learning rate, on which mixture, for how long.
+
+A stage names trainable modules by the released code's names (PAPER.md §8) or by these group
+aliases; everything else is frozen. Learning rates map module prefixes (or aliases) to values with a
+``default``. ``init_from`` is the previous stage's id: its exported weights start this stage.
+Strings may use ``${VAR}`` or ``${VAR:-default}``; ``--set a.b=value`` overrides any field (YAML value).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "vit": ("model.visual_model",),
+    "projector": ("model.visual_bridge_model",),
+    "llm": ("model.embed_tokens", "model.layers", "model.norm"),
+    "lm_head": ("lm_head",),
+    "audio_embed": ("model.audio_embed_layers",),
+    "audio_head": ("audio_head",),
+    "audio_tokenizer": ("audio_tokenizer",),
+}
+ALWAYS_FROZEN = ("audio_tokenizer",)
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class StageError(ValueError):
+    """A stage config that cannot run; the message says what to fix."""
+
+
+def expand_vars(obj: Any) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in every string; an unset variable without default stays as written."""
+    if isinstance(obj, str):
+        return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), obj)
+    if isinstance(obj, list):
+        return [expand_vars(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: expand_vars(v) for k, v in obj.items()}
+    return obj
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise StageError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(doc, dict):
+        raise StageError(f"{p}: expected a mapping at the top level")
+    return doc
+
+
+def apply_override(doc: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value`` with ``value`` parsed as YAML (numbers, lists, mappings, null)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise StageError(f"override {assignment!r} is not KEY=VALUE")
+    parts = key.split(".")
+    node = doc
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise StageError(f"override {assignment!r}: {part} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _resolve_conf(ref: str, kind: str, base: Path, suffixes: tuple[str, ...]) -> Path:
+    """A name in conf/<kind>/ or a path (relative to the stage file, then the working directory)."""
+    candidates = [base / ref, Path(ref)] + [CONF_DIR / kind / f"{ref}{s}" for s in suffixes]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise FileNotFoundError(f"no {kind} config {ref!r} (looked in {base}, ., {CONF_DIR / kind})")
+
+
+def load_model_config(ref: str, base: Path | None = None) -> dict[str, Any]:
+    return expand_vars(load_yaml(_resolve_conf(ref, "models", base or Path.cwd(), (".yaml", ".yml"))))
+
+
+def load_deepspeed_config(ref: str, base: Path | None = None) -> dict[str, Any]:
+    path = _resolve_conf(ref, "deepspeed", base or Path.cwd(), (".json", ".yaml", ".yml"))
+    return load_yaml(path)  # JSON is YAML
+
+
+@dataclass
+class StageConfig:
+    stage: str
+    name: str
+    path: Path
+    model: str
+    deepspeed: str
+    trainable: list[str]
+    lr: dict[str, float]
+    seq_len: int
+    mixture: list[dict[str, Any]]
+    budget: dict[str, float]
+    output: str = "runs/omni"
+    init_from: str | None = None
+    micro_batch: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    precision: str = "auto"
+    num_workers: int = 2
+    seed: int = 1234
+    save_every: int = 500
+    log_every: int = 10
+    description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output) / self.stage
+
+    def model_config(self) -> dict[str, Any]:
+        return load_model_config(self.model, self.path.parent)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        return load_deepspeed_config(self.deepspeed, self.path.parent)
+
+    def init_weights(self) -> Path | None:
+        """The weights this stage starts from: a previous stage's export, or a file/dir given as a path."""
+        if not self.init_from:
+            return None
+        p = Path(self.init_from)
+        if p.suffix in (".pt", ".bin") or p.is_dir():
+            return p / "model.pt" if p.is_dir() else p
+        return Path(self.output) / self.init_from / "final" / "model.pt"
+
+
+REQUIRED = ("stage", "model", "trainable", "lr", "seq_len", "mixture", "budget")
+
+
+def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
+    doc = expand_vars(copy.deepcopy(doc))
+    missing = [k for k in REQUIRED if k not in doc]
+    if missing:
+        raise StageError(f"{path}: missing {', '.join(missing)}")
+    budget = doc["budget"] or {}
+    if not set(budget) & {"steps", "tokens"}:
+        raise StageError(f"{path}: budget needs steps or tokens")
+    lr = {str(k): float(v) for k, v in (doc["lr"] if isinstance(doc["lr"], dict) else {"default": doc["lr"]}).items()}
+    if "default" not in lr:
+        raise StageError(f"{path}: lr needs a 'default'")
+    if not doc["mixture"]:
+        raise StageError(f"{path}: empty mixture")
+    known = set(StageConfig.__dataclass_fields__) - {"path", "raw"}
+    extra = set(doc) - known
+    if extra:
+        raise StageError(f"{path}: unknown fields {sorted(extra)}")
+    kwargs = {k: v for k, v in doc.items() if k in known}
+    kwargs["stage"] = str(doc["stage"])
+    kwargs.setdefault("name", kwargs["stage"])
+    kwargs.setdefault("deepspeed", "zero2")
+    kwargs["lr"] = lr
+    kwargs["budget"] = {k: float(v) for k, v in budget.items()}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if kwargs.get("init_from") is not None:
+        kwargs["init_from"] = str(kwargs["init_from"])
+    return StageConfig(path=path, raw=doc, **kwargs)
+
+
+def load_stage(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
+    doc = load_yaml(path)
+    for o in overrides:
+        apply_override(doc, o)
+    return stage_from_dict(doc, Path(path).resolve())
+
+
+def stage_key(stage_id: str) -> tuple[int, ...]:
+    """Paper order: 1.1 < 1.2 < 2.1 < 2.2 < 3 < 4.1 < 4.2."""
+    try:
+        return tuple(int(p) for p in stage_id.split("."))
+    except ValueError as e:
+        raise StageError(f"stage id {stage_id!r} is not dotted numbers") from e
+
+
+def discover_stages(directory: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> list[StageConfig]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no stage directory {d}")
+    stages = [load_stage(p, overrides) for p in sorted(d.glob("*.yaml"))]
+    if not stages:
+        raise FileNotFoundError(f"no stage configs (*.yaml) in {d}")
+    return sorted(stages, key=lambda s: stage_key(s.stage))
+
+
+# ---------------------------------------------------------------- applying a stage to a model
+
+
+def expand_names(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        out.extend(MODULE_GROUPS.get(n, (n,)))
+    return out
+
+
+def _matches(param: str, prefix: str) -> bool:
+    return param == prefix or param.startswith(prefix + ".")
+
+
+def set_trainable(model: Any, names: list[str]) -> dict[str, int]:
+    """Freeze everything, then unfreeze the named modules; returns trainable parameter counts per name."""
+    prefixes = expand_names(names)
+    frozen = expand_names(list(ALWAYS_FROZEN))
+    for p in prefixes:
+        if any(_matches(p, f) or _matches(f, p) for f in frozen):
+            raise StageError(f"{p} cannot train: the audio tokenizer is always frozen (PAPER.md §8)")
+    counts = dict.fromkeys(prefixes, 0)
+    for pname, param in model.named_parameters():
+        hit = next((p for p in prefixes if _matches(pname, p)), None)
+        param.requires_grad_(hit is not None)
+        if hit is not None:
+            counts[hit] += param.numel()
+    unknown = [p for p, n in counts.items() if n == 0]
+    if unknown:
+        raise StageError(f"trainable names match no parameters: {unknown}")
+    return counts
+
+
+def param_groups(model: Any, lr: dict[str, float], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups of trainable parameters by the longest matching lr prefix (or ``default``)."""
+    keys = sorted(
+        ((pre, k) for k in lr if k != "default" for pre in MODULE_GROUPS.get(k, (k,))), key=lambda t: -len(t[0])
+    )
+    groups: dict[str, list] = {}
+    for pname, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = next((k for pre, k in keys if _matches(pname, pre)), "default")
+        groups.setdefault(key, []).append(param)
+    return [
+        {"params": ps, "lr": lr[k], "initial_lr": lr[k], "weight_decay": weight_decay, "name": k}
+        for k, ps in sorted(groups.items())
+    ]

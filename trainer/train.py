@@ -1,0 +1,350 @@
+"""The DeepSpeed loop, one process per rank (started by ``trainer.launch`` via torchrun or ``deepspeed``).
+
+Per stage: build the model, load the previous stage's weights, freeze by name, AdamW groups with the
+stage's learning rates, ``deepspeed.initialize`` with the stage's ZeRO config, then stream packs
+until the step or token budget. A checkpoint is the DeepSpeed state plus each rank's data position;
+``checkpoints/committed`` names the last complete one (written after every rank finished), so a kill
+at any moment resumes from a whole checkpoint and replays exactly the same samples. A finished stage
+exports ``final/model.pt`` (ZeRO-3 weights gathered) and ``final/done.json``; re-running skips it.
+
+Logged to the console, TensorBoard (``<stage>/tb``) and ``<stage>/steps.jsonl``: loss per modality
+tag, tokens/s and samples/s (all ranks), learning rates, and the sample ids each rank consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import hf_compat  # noqa: F401  (before transformers)
+
+log = logging.getLogger("trainer")
+KEEP_CHECKPOINTS = 2
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def _rank_print(msg: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def lr_factor(stage: Any, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over the budget."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cos
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of one accelerator (``OMNI_PEAK_TFLOPS`` overrides); None on CPU or unknown cards."""
+    if os.environ.get("OMNI_PEAK_TFLOPS"):
+        return float(os.environ["OMNI_PEAK_TFLOPS"]) * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def deepspeed_config(stage: Any, device_type: str) -> dict[str, Any]:
+    cfg = stage.deepspeed_config()
+    cfg["train_micro_batch_size_per_gpu"] = stage.micro_batch
+    cfg["gradient_accumulation_steps"] = stage.grad_accum
+    cfg.pop("train_batch_size", None)
+    cfg["gradient_clipping"] = stage.grad_clip
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("steps_per_print", 10**9)
+    precision = stage.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    cfg["fp16"] = {"enabled": False}
+    return cfg
+
+
+class StageRun:
+    """One stage on one rank."""
+
+    def __init__(self, stage: Any, tokenizer_path: str) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        from trainer.data import DataPosition, make_loader, resolve_entry
+        from trainer.model import build_model
+        from trainer.stages import param_groups, set_trainable
+        from trainer.tokenizer import load_tokenizer
+
+        self.stage = stage
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.out = stage.out_dir
+        self.ckpt_dir = self.out / "checkpoints"
+        model_cfg = stage.model_config()
+        tokenizer = load_tokenizer(tokenizer_path)
+        torch.manual_seed(stage.seed)  # every rank builds the same initial weights (ZeRO-3 partitions them as is)
+        model = build_model(model_cfg, tokenizer)
+        init = stage.init_weights()
+        if init is not None:
+            if not init.is_file():
+                raise FileNotFoundError(f"stage {stage.stage} starts from {init}, which does not exist")
+            model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+        self.trainable = set_trainable(model, stage.trainable)
+        # 6·N per token for the LLM's non-embedding weights (the towers only see their own tokens)
+        llm = [p for n, p in model.named_parameters() if n.startswith(("model.layers.", "lm_head."))]
+        self.flops_per_token = 6 * sum(p.numel() for p in llm)
+        self.peak = peak_flops()
+        groups = param_groups(model, stage.lr, stage.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=stage.lr["default"], betas=stage.betas, weight_decay=stage.weight_decay
+        )
+        device_type = deepspeed.get_accelerator().device_name()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(stage, device_type)
+        )
+        self.device = self.engine.device
+        self.step, self.tokens, self.samples = 0, 0, 0
+        data_state = None
+        tag = self._committed_tag()
+        if tag is not None:
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
+            self.step, self.tokens, self.samples = client["step"], client["tokens"], client["samples"]
+            data_state = json.loads((self.ckpt_dir / tag / f"data_rank{self.rank:05d}.json").read_text())
+            _rank_print(f"stage {stage.stage}: resumed at step {self.step} from {self.ckpt_dir / tag}")
+        entries = [resolve_entry(e) for e in stage.mixture]
+        self.position = (
+            DataPosition.from_dict(data_state) if data_state else DataPosition(self.world, stage.num_workers)
+        )
+        self.loader = make_loader(
+            entries,
+            model_cfg,
+            tokenizer_path,
+            stage.seq_len,
+            stage.micro_batch,
+            stage.seed,
+            self.rank,
+            self.world,
+            stage.num_workers,
+            data_state,
+        )
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+
+    # ---- checkpoints
+
+    def _committed_tag(self) -> str | None:
+        marker = self.ckpt_dir / "committed"
+        return marker.read_text().strip() if marker.is_file() else None
+
+    def save(self) -> None:
+        import torch.distributed as dist
+
+        tag = f"step{self.step:08d}"
+        _write_json(self.ckpt_dir / tag / f"data_rank{self.rank:05d}.json", self.position.as_dict())
+        client = {"step": self.step, "tokens": self.tokens, "samples": self.samples}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            tmp = self.ckpt_dir / f".tmp-committed-{os.getpid()}"
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / "committed")
+            old = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name != tag)
+            for p in old[: -(KEEP_CHECKPOINTS - 1)] if KEEP_CHECKPOINTS > 1 else old:
+                shutil.rmtree(p, ignore_errors=True)
+        dist.barrier()
+
+    def export(self, seconds: float) -> None:
+        import torch.distributed as dist
+
+        final = self.out / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        self.engine.save_16bit_model(str(final), "model.pt")
+        dist.barrier()
+        if self.rank == 0:
+            _write_json(
+                final / "done.json",
+                {
+                    "stage": self.stage.stage,
+                    "steps": self.step,
+                    "tokens": self.tokens,
+                    "samples": self.samples,
+                    "seconds": round(seconds, 1),
+                    "trainable": self.trainable,
+                },
+            )
+        dist.barrier()
+
+    # ---- the loop
+
+    def done(self) -> bool:
+        b = self.stage.budget
+        return ("steps" in b and self.step >= b["steps"]) or ("tokens" in b and self.tokens >= b["tokens"])
+
+    def progress(self) -> float:
+        b = self.stage.budget
+        return max(self.step / b["steps"] if "steps" in b else 0.0, self.tokens / b["tokens"] if "tokens" in b else 0.0)
+
+    def run(self) -> None:
+        import torch.distributed as dist
+
+        from trainer.data import to_device
+        from trainer.model import TAGS
+
+        stage = self.stage
+        it = iter(self.loader)
+        t_start = time.perf_counter()
+        window_t, window_tokens, window_samples = time.perf_counter(), 0, 0
+        while not self.done():
+            factor = lr_factor(stage, self.step, self.progress())
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            losses, tag_loss, tag_count, ids = [], 0, 0, []
+            local = torch.zeros(2, dtype=torch.float64)
+            for _ in range(stage.grad_accum):
+                batch = next(it)
+                out = self.engine(**to_device(batch, self.device))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                self.position.consumed(batch["meta"])
+                losses.append(out["loss"].detach().float())
+                tag_loss = tag_loss + out["tag_loss"].detach().double().cpu()
+                tag_count = tag_count + out["tag_count"].detach().double().cpu()
+                local += torch.tensor([batch["meta"]["tokens"], batch["meta"]["samples"]], dtype=torch.float64)
+                ids.extend(batch["meta"]["sample_ids"])
+            stats = torch.cat([torch.stack(losses).mean().double().cpu().view(1), local, tag_loss, tag_count])
+            stats = stats.to(self.device)  # NCCL reduces device tensors only
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+            all_ids: list[Any] = [None] * self.world
+            dist.all_gather_object(all_ids, ids)
+            loss = float(stats[0]) / self.world
+            step_tokens, step_samples = int(stats[1]), int(stats[2])
+            n = len(TAGS)
+            by_tag = {t: float(stats[3 + i] / stats[3 + n + i]) for i, t in enumerate(TAGS) if stats[3 + n + i] > 0}
+            self.step += 1
+            self.tokens += step_tokens
+            self.samples += step_samples
+            window_tokens += step_tokens
+            window_samples += step_samples
+            if self.rank == 0:
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "by_tag": by_tag,
+                    "tokens": self.tokens,
+                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                    "sample_ids": all_ids,
+                    "skipped_rank0": sum(
+                        (Counter(w.get("skipped", {})) for w in self.position.workers.values()), Counter()
+                    ),
+                }
+                with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.writer.add_scalar("loss/total", loss, self.step)
+                for t, v in by_tag.items():
+                    self.writer.add_scalar(f"loss/{t}", v, self.step)
+                for g in self.optimizer.param_groups:
+                    self.writer.add_scalar(f"lr/{g['name']}", g["lr"], self.step)
+            if self.step % stage.log_every == 0 or self.done():
+                dt = max(time.perf_counter() - window_t, 1e-9)
+                tps, sps = window_tokens / dt, window_samples / dt
+                mfu = self.flops_per_token * tps / (self.peak * self.world) if self.peak else None
+                if self.writer is not None:
+                    self.writer.add_scalar("throughput/tokens_per_s", tps, self.step)
+                    self.writer.add_scalar("throughput/samples_per_s", sps, self.step)
+                    if mfu is not None:
+                        self.writer.add_scalar("throughput/mfu", mfu, self.step)
+                    self.writer.flush()
+                tags = " ".join(f"{t} {v:.3f}" for t, v in by_tag.items())
+                budget = int(stage.budget.get("steps", 0)) or f"{self.tokens}/{int(stage.budget['tokens'])} tok"
+                _rank_print(
+                    f"stage {stage.stage} step {self.step}/{budget} loss {loss:.4f} [{tags}] "
+                    f"{tps:,.0f} tokens/s {sps:.2f} samples/s" + (f" MFU {mfu:.1%}" if mfu is not None else "")
+                )
+                window_t, window_tokens, window_samples = time.perf_counter(), 0, 0
+            if self.step % stage.save_every == 0 and not self.done():
+                self.save()
+        del it  # shuts the loader's workers down before the process leaves with os._exit
+        self.save()
+        self.export(time.perf_counter() - t_start)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str) -> None:
+    import deepspeed
+
+    from trainer.stages import load_stage
+
+    backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=backend)
+    for path in stage_paths:
+        stage = load_stage(path, overrides)
+        if (stage.out_dir / "final" / "done.json").is_file():
+            _rank_print(f"stage {stage.stage}: already finished ({stage.out_dir / 'final'}), skipped")
+            continue
+        _rank_print(f"stage {stage.stage} ({stage.name}): training {', '.join(stage.trainable)}")
+        StageRun(stage, tokenizer_path).run()
+
+
+def die_with_launcher() -> None:
+    """torchrun starts every rank in its own session: without this, SIGKILL to the launcher's process
+    group would leave the ranks training (and writing checkpoints) as orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="one rank of an omni training run (use `omni train`)")
+    p.add_argument("--stage", action="append", required=True, help="stage YAML (repeat to chain stages)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer directory")
+    args = p.parse_args(argv)
+    die_with_launcher()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        run_stages(args.stage, args.overrides, args.tokenizer)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        code = 1
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(code)  # a gloo race at interpreter exit can abort a finished rank (STACK.md)
+
+
+if __name__ == "__main__":
+    main()
