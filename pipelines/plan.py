@@ -143,7 +143,9 @@ def make_plan(corpus: dict[str, Any], targets: list[str], bench_path: str | None
 
 
 def write_mixtures(plan: Plan, corpus: dict[str, Any], targets: list[str], out_dir: str) -> list[str]:
-    """One YAML per training stage: the shard-set manifests and the weight of each data type."""
+    """One YAML per training stage: the shard-set manifests and the weight of each data type.
+
+    A stage config takes it with ``--set mixture_file=PATH`` (``omni train STAGE.yaml``)."""
     manifests = [os.path.abspath(m) if "://" not in m else m for t in targets for m in find_shardset_manifests(t)]
     held = {k.kind for k in plan.kinds if k.have_samples}
     paths = []
@@ -153,7 +155,7 @@ def write_mixtures(plan: Plan, corpus: dict[str, Any], targets: list[str], out_d
             "stage": str(stage),
             "corpus": plan.name,
             "mixture": [
-                {"manifests": list(manifests), "kinds": [kind], "weight": float(w), "held": kind in held}
+                {"name": kind, "manifests": list(manifests), "kinds": [kind], "weight": float(w), "held": kind in held}
                 for kind, w in weights.items()
             ],
         }

@@ -24,7 +24,11 @@ from shards.reader import iter_samples
 from shards.schema import loads_meta
 from synth.media import decode_audio, sample_frames
 from tests.conftest import demo_recipe_dict
+from trainer.data import resolve_entry
+from trainer.stages import CONF_DIR, load_stage
 from trainer.tokenizer import load_tokenizer
+
+STAGES = CONF_DIR / "stages"
 
 
 def _qwen2vl_tokens(width: int, height: int, max_pixels: int, min_pixels: int = 3136) -> int:
@@ -125,3 +129,6 @@ def test_plan_against_demo_manifests(counted_run: Path, tmp_path: Path, capsys: 
     mixture = yaml.safe_load((tmp_path / "mix" / "mixture-1.2.yaml").read_text())
     assert sum(m["weight"] for m in mixture["mixture"]) == pytest.approx(1.0)
     assert mixture["mixture"][0]["manifests"] == [str(counted_run / "shards" / "manifest.json")]
+    stage = load_stage(STAGES / "1.1-image-projector.yaml", [f"mixture_file={tmp_path / 'mix' / 'mixture-1.1.yaml'}"])
+    (entry,) = [resolve_entry(e) for e in stage.mixture]
+    assert entry.kinds == ["image_caption"] and entry.samples == stats.kinds["image_caption"]

@@ -179,6 +179,12 @@ def load_stage(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     doc = load_yaml(path)
     for o in overrides:
         apply_override(doc, o)
+    mixture_file = doc.pop("mixture_file", None)
+    if mixture_file:  # a mixture written by `omni plan --mixtures`, replacing the config's own
+        mixture_path = Path(expand_vars(str(mixture_file)))
+        if not mixture_path.is_file():
+            raise FileNotFoundError(f"no mixture file {mixture_path}")
+        doc["mixture"] = load_yaml(mixture_path)["mixture"]
     return stage_from_dict(doc, Path(path).resolve())
 
 
