@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--executor", choices=("ray", "local"), default="ray")
     d.set_defaults(fn=_cmd_demo)
 
+    from filters.cli import register as register_dedup
     from trainer.cli import register as register_train
 
+    register_dedup(sub)  # omni dedup
     register_train(sub)  # omni train, omni train-all
     return p
 

@@ -31,8 +31,9 @@ def _thresholds(run_info: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for step in run_info.get("steps", []):
         params = step.get("params", {})
-        if "column" in params:
-            out[params["column"]] = {k: float(params[k]) for k in ("min", "max") if params.get(k) is not None}
+        for rule in [params, *params.get("rules", [])]:  # keep: one rule, or a list of them
+            if isinstance(rule, dict) and "column" in rule:
+                out[rule["column"]] = {k: float(rule[k]) for k in ("min", "max") if rule.get(k) is not None}
     return out
 
 

@@ -103,6 +103,7 @@ def ray_local() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # never join a cluster another test (or a user) started on this machine
         num_cpus=2,
         object_store_memory=512 << 20,
         include_dashboard=False,
