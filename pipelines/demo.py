@@ -8,10 +8,12 @@ from pathlib import Path
 import yaml
 
 from pipelines.audit import audit
-from pipelines.demo_data import build_demo_sources, build_synth_sources
+from pipelines.demo_data import MULTILINGUAL, PHOTOS, SPOKEN, build_demo_sources, build_synth_sources
 from pipelines.executor import run_recipe
 from pipelines.inspect_shards import inspect_target
 from pipelines.recipe import load_recipe
+from pipelines.report import write_report
+from pipelines.stats import collect, stats_report
 
 
 def demo_recipe(sources: dict[str, str], output: str, executor: str) -> dict:
@@ -59,15 +61,33 @@ def synth_demo_recipe(sources: dict[str, str], output: str, executor: str) -> di
         {"name": "narrated", "type": "local", "path": sources["narrated"]},
     ]
     recipe["pipeline"] += synth_steps(sources["coca_config"], sources["coca_checkpoint"])
+    recipe["pipeline"] += [
+        {"op": "content_hash"},  # exact-duplicate keys for `omni dedup`
+        {"op": "langid"},  # lang, lang_score: fastText lid.176
+        {"op": "count_tokens", "params": {"tokenizer": sources["tokenizer"]}},
+    ]
     # four model-holding actors (transcribe, caption, tts, tts_backcheck) each hold one logical CPU
     recipe["executor"]["num_cpus"] = 6
     return recipe
+
+
+def demo_tokenizer(out: Path, sources: dict[str, str]) -> str:
+    """The trainer's tiny byte-level BPE trained on the demo's own text (no real LLM tokenizer here)."""
+    from trainer.tokenizer import train_tiny_tokenizer
+
+    if not (out / "tokenizer.json").is_file():
+        texts = [t for _, t in MULTILINGUAL + SPOKEN] + list(PHOTOS.values())
+        for name in ("docs", "stories"):
+            texts += [line for line in Path(sources[name]).read_text(encoding="utf-8").splitlines() if line.strip()]
+        train_tiny_tokenizer(texts, out, vocab_size=2048)
+    return str(out)
 
 
 def run_demo(out: str, executor: str = "ray") -> int:
     t0 = time.perf_counter()
     root = Path(out).resolve()
     sources = {**build_demo_sources(root / "sources"), **build_synth_sources(root / "sources" / "synth")}
+    sources["tokenizer"] = demo_tokenizer(root / "models" / "tokenizer", sources)
     recipe_path = root / "demo.yaml"
     run_dir = root / "run"
     recipe_path.write_text(yaml.safe_dump(synth_demo_recipe(sources, str(run_dir), executor), sort_keys=False))
@@ -79,6 +99,9 @@ def run_demo(out: str, executor: str = "ray") -> int:
     print(inspect_target(str(run_dir), limit=4))
     report = audit(str(run_dir))
     print(report.summary())
+    stats = stats_report(collect([str(run_dir)]))
+    print(f"tokens: {stats['tokens']:,}  by modality {stats['tokens_by_modality']}  by kind {stats['tokens_by_kind']}")
+    print(f"report: {write_report(str(run_dir))}")
     print(f"shards: {run_dir / 'shards'}  (manifest: {run_dir / 'shards' / 'manifest.json'})")
     print(f"rejects ledger: {run_dir / 'rejects'}  ({manifest['rejected']} rejected)")
     print(f"try: omni inspect {run_dir}   omni audit {run_dir}")
