@@ -92,6 +92,12 @@ def test_sources_and_shards_on_s3(s3_endpoint: str, demo_sources: dict[str, str]
     report = audit("s3://corpus/runs/r1")
     assert report.balanced, report.summary()
     assert "samples: 20" in inspect_target("s3://corpus/runs/r1")
+    from trainer.data import EntryStream, resolve_entry
+
+    entry = resolve_entry({"name": "s3", "manifest": "s3://corpus/runs/r1/shards/manifest.json"})
+    stream = EntryStream(entry, seed=0, index=0, stream=0, streams=1)
+    streamed = {stream.next_sample()["id"] for _ in range(entry.samples)}
+    assert streamed == {s["id"] for u in urls for s in iter_samples(u)}, "the trainer streams the S3 shards"
     again = run_recipe(recipe, progress=False)
     assert again["written"] == m["written"], "a re-run on S3 skips committed units"
 
