@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
-import tarfile
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -22,6 +21,7 @@ from urllib.parse import parse_qs, urlparse
 from shards import storage
 from shards.codec import FORMAT
 from shards.reader import split_key, unsafe_member_reason
+from shards.tarstream import iter_members
 
 MIME = {
     "jpg": "image/jpeg",
@@ -76,14 +76,14 @@ def build_index(target: str) -> dict[str, IndexedSample]:
     """One pass over tar headers: sample JSON plus (offset, size) of every media member."""
     index: dict[str, IndexedSample] = {}
     for shard in _shards_of(target):
-        with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with storage.open_read(shard) as f:
             pending: dict[str, dict[str, tuple[int, int]]] = {}
-            for member in tar:
+            for member, data in iter_members(f, want=lambda m: m.isfile() and m.name.endswith(".json")):
                 if unsafe_member_reason(member, 1 << 40):
                     continue
                 key, ext = split_key(member.name)
-                if ext == "json":
-                    doc = json.loads(tar.extractfile(member).read())
+                if ext == "json" and data is not None:
+                    doc = json.loads(data)
                     if doc.get("format") == FORMAT:
                         index[key] = IndexedSample(doc, shard, pending.pop(key, {}))
                 else:

@@ -7,7 +7,6 @@ still reported. Grouping follows WebDataset: consecutive members sharing a key f
 from __future__ import annotations
 
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -17,6 +16,7 @@ import pyarrow as pa
 from shards import storage
 from shards.codec import DecodeError, decode_sample
 from shards.schema import SAMPLE_SCHEMA, locator_id
+from shards.tarstream import TarCorrupt, TarMember, iter_members
 
 DEFAULT_MAX_MEMBER_BYTES = 2 << 30
 
@@ -46,11 +46,11 @@ def split_key(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext
 
 
-def unsafe_member_reason(member: tarfile.TarInfo, max_member_bytes: int) -> str | None:
+def unsafe_member_reason(member: TarMember, max_member_bytes: int) -> str | None:
     name = member.name
-    if name.startswith("/") or posixpath.isabs(name):
+    if name.startswith("/"):
         return "unsafe tar member: absolute path"
-    if ".." in name.split("/"):
+    if ".." in name and ".." in name.split("/"):
         return "unsafe tar member: parent path"
     if member.issym() or member.islnk():
         return "unsafe tar member: link"
@@ -79,14 +79,11 @@ def iter_tar_records(
             return
         yield Record(sample=row)
 
+    def wanted(member: TarMember) -> bool:  # unsafe names are read but never written anywhere
+        return member.size <= max_member_bytes
+
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        locator = f"{shard}#"
-        yield Record(reject=Reject(locator_id(source, locator), "unreadable tar", str(e)[:200], locator))
-        return
-    try:
-        for member in tar:
+        for member, data in iter_members(fileobj, wanted):
             if member.isdir():
                 continue
             reason = unsafe_member_reason(member, max_member_bytes)
@@ -98,10 +95,13 @@ def iter_tar_records(
             if key != current_key:
                 yield from flush()
                 current_key, members = key, {}
-            f = tar.extractfile(member)
-            members[ext] = f.read() if f is not None else b""
+            members[ext] = data if data is not None else b""
         yield from flush()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except TarCorrupt as e:
+        if e.offset == 0:
+            locator = f"{shard}#"
+            yield Record(reject=Reject(locator_id(source, locator), "unreadable tar", str(e)[:200], locator))
+            return
         locator = f"{shard}#{current_key or ''}@truncated"
         yield Record(reject=Reject(locator_id(source, locator), "truncated or corrupt tar", str(e)[:200], locator))
 

@@ -84,9 +84,10 @@ def read_bytes(path: str) -> bytes:
 
 def open_read(path: str) -> IO[bytes]:
     """A seekable binary reader with the full ``io`` interface (``readline(size)`` included)."""
+    if not is_remote(path):
+        return open(os.path.abspath(path.removeprefix("file://")), "rb")  # noqa: SIM115 - the caller closes it
     fs, p = filesystem(path)
-    f = fs.open(p, "rb")
-    return io.BufferedReader(f, buffer_size=1 << 20) if is_remote(path) else f
+    return io.BufferedReader(fs.open(p, "rb"), buffer_size=1 << 20)
 
 
 @contextlib.contextmanager
