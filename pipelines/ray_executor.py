@@ -73,6 +73,30 @@ def init_ray(settings: dict[str, Any]) -> None:
     )
 
 
+def cpu_reservations(ops: list[type[Operator]], cluster_cpus: float) -> list[float]:
+    """Logical CPUs to reserve per step so the DAG can always make progress on this cluster.
+
+    Actor pools hold their CPUs for the whole run; when they would hold every CPU, the read,
+    stateless and write tasks could never be scheduled and the run would hang (two model steps
+    on a 2-CPU laptop do exactly that). Then the actors' reservations shrink in proportion until
+    one CPU is left for tasks. Reservations are scheduling tokens: an actor still uses a whole
+    core when it runs. No step asks for more than the cluster has.
+    """
+    wanted = [min(op.resources.cpus, cluster_cpus) for op in ops]
+    held = sum(c * (op.resources.concurrency or 1) for c, op in zip(wanted, ops, strict=True) if op.stateful)
+    budget = max(cluster_cpus - 1, cluster_cpus / 2)
+    if held <= budget:
+        return wanted
+    scale = budget / held
+    log.warning(
+        "actor steps would hold %.2g of %.2g CPUs and starve the other tasks; reserving %.0f%% of what they ask",
+        held,
+        cluster_cpus,
+        100 * scale,
+    )
+    return [c * scale if op.stateful else c for c, op in zip(wanted, ops, strict=True)]
+
+
 def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracker, progress: bool) -> None:
     settings = recipe.executor
     init_ray(settings)
@@ -91,10 +115,11 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
 
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
-    for i, step in enumerate(recipe.steps):
-        op_cls = get_operator(step.op, tuple(recipe.imports))
+    op_classes = [get_operator(step.op, tuple(recipe.imports)) for step in recipe.steps]
+    cpus = cpu_reservations(op_classes, float(ray.cluster_resources().get("CPU", 1)))
+    for i, (step, op_cls, num_cpus) in enumerate(zip(recipe.steps, op_classes, cpus, strict=True)):
         res = op_cls.resources
-        remote = {"num_cpus": res.cpus, "num_gpus": res.gpus or None}
+        remote = {"num_cpus": num_cpus, "num_gpus": res.gpus or None}
         if res.memory_mb:
             remote["memory"] = res.memory_mb * (1 << 20)
         args = (vars(step), stage_name(i, step), opts, recipe.imports)

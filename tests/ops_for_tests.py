@@ -25,3 +25,18 @@ class ExplodesOnCats(Operator):
             if "chelsea" in json.loads(meta)["locator"]:
                 raise ValueError("cats are not allowed")
         return batch.append_column("cat_free", pa.array([True] * len(batch)))
+
+
+@register
+class HoldsAModel(Operator):
+    """A stateful step that asks for a whole CPU, like every model step: its actor holds it."""
+
+    name = "test_holds_a_model"
+    stateful = True
+
+    def __init__(self, column: str = "held") -> None:
+        super().__init__(column=column)
+        self.column = column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column(self.column, pa.array([len(batch)] * len(batch)))

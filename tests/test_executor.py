@@ -83,3 +83,19 @@ def test_a_failing_row_is_rejected_not_the_run(demo_sources, tmp_path: Path, ray
     assert m["ingested"] == m["written"] + m["rejected"]
     sample = next(iter_samples(str(next((tmp_path / "run" / "shards").glob("*.tar")))))
     assert sample["cat_free"] is True, "score columns travel into the shard"
+
+
+def test_model_steps_cannot_starve_a_small_cluster(demo_sources, tmp_path: Path, ray_local) -> None:
+    """Three actor steps of one CPU each on 2 CPUs: reservations shrink so read/write tasks still run."""
+    from pipelines.operator import get_operator
+    from pipelines.ray_executor import cpu_reservations
+
+    ops = [get_operator(n, ("tests.ops_for_tests",)) for n in ("validate", "test_holds_a_model", "test_holds_a_model")]
+    assert cpu_reservations(ops, 8.0) == [1.0, 1.0, 1.0]
+    small = cpu_reservations(ops, 2.0)
+    assert small[0] == 1.0 and sum(small[1:]) == pytest.approx(1.0)
+    doc = demo_recipe_dict(demo_sources, tmp_path / "run", executor="ray")
+    doc["imports"] = ["tests.ops_for_tests"]
+    doc["pipeline"] += [{"op": "test_holds_a_model", "params": {"column": c}} for c in ("a", "b", "c")]
+    m = run_recipe(recipe_from_dict(doc), progress=False)  # actors holding every CPU hung bench/e2e_bench.py
+    assert m["written"] > 0 and m["ingested"] == m["written"] + m["rejected"]
