@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,17 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
+    return best
+
+
+def best_times(fns: Mapping[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Best-of-N for several contenders, run in turns so a slow spell of the machine hits all."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
