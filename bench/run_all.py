@@ -6,6 +6,7 @@ from bench import (
     asr_bench,
     caption_bench,
     dedup_bench,
+    e2e_bench,
     langid_bench,
     shards_bench,
     trainer_bench,
@@ -14,7 +15,17 @@ from bench import (
 )
 from bench.common import Row, main
 
-MODULES = (shards_bench, validate_bench, asr_bench, caption_bench, tts_bench, trainer_bench, dedup_bench, langid_bench)
+MODULES = (
+    shards_bench,
+    validate_bench,
+    asr_bench,
+    caption_bench,
+    tts_bench,
+    trainer_bench,
+    dedup_bench,
+    langid_bench,
+    e2e_bench,
+)
 
 
 def run(quick: bool = False) -> list[Row]:

@@ -90,8 +90,16 @@ class Validate(Operator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch["segments"].to_pylist()
-        with ThreadPoolExecutor(self.threads) as pool:
-            results = list(pool.map(self._check_sample, rows))
+        # Only media is worth a thread: a text-only row checks in microseconds, less than a hand-off.
+        media = [i for i, segs in enumerate(rows) if any(s["modality"] != "text" for s in segs)]
+        results: list[Any] = [None] * len(rows)
+        if media:
+            with ThreadPoolExecutor(min(self.threads, len(media))) as pool:
+                for i, found in zip(media, pool.map(self._check_sample, [rows[i] for i in media]), strict=True):
+                    results[i] = found
+        for i, found in enumerate(results):
+            if found is None:
+                results[i] = self._check_sample(rows[i])
         metas: list[str | None] = []
         for segs, (found, reason, _) in zip(rows, results, strict=True):
             metas.extend(found if reason is None else [s["meta"] for s in segs])
