@@ -11,11 +11,25 @@ Kill the process group to kill the node.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 
 from ray._private.node import Node
 from ray._private.parameter import RayParams
+
+_PORTS = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free on loopback right now (the caller binds them soon after)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def main() -> None:
@@ -28,6 +42,8 @@ def main() -> None:
         temp_dir=temp_dir,
         min_worker_port=min_port,
         max_worker_port=min_port + 999,
+        # the ports Ray would otherwise take from fixed defaults, which another local Ray may hold
+        **dict(zip(_PORTS, free_ports(len(_PORTS)), strict=True)),
     )
     node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     print(f"worker node {node.node_id} up", flush=True)

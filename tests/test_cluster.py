@@ -4,9 +4,9 @@ resubmitted, and the shards equal those of an uninterrupted run: nothing lost, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +19,7 @@ import pytest
 from pipelines.audit import audit
 from shards.manifest import read_shardset_manifest
 from tests.conftest import N_CLIPS, UNIT_SIZE, write_speech_recipe
+from tests.ray_worker_node import free_ports
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +31,6 @@ ENV = {
 }
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _nodes_alive(gcs: str) -> int:
     out = subprocess.run(
         [str(BIN / "ray"), "status", "--address", gcs], capture_output=True, text=True, env=ENV, timeout=60
@@ -48,27 +39,46 @@ def _nodes_alive(gcs: str) -> int:
     return sum(1 for line in active.splitlines() if "node_" in line)
 
 
+def _start_head(temp_dir: str) -> tuple[subprocess.Popen, str, int]:
+    """``ray start --head`` with every port it binds chosen free here, so a Ray another test left
+    running (the session's local Ray) cannot collide on a default port; retried when a port we
+    picked was taken in between. Its output goes to a log quoted on failure."""
+    log = Path(temp_dir) / "head.log"
+    for _attempt in range(3):
+        gcs_port, dash, client, agent, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = free_ports(9)
+        with open(log, "ab") as out:
+            head = subprocess.Popen(
+                [
+                    str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
+                    "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--include-dashboard=true", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+                    f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+                    "--min-worker-port=40000", "--max-worker-port=40999", "--object-store-memory=268435456",
+                    "--disable-usage-stats",
+                ],
+                env=ENV, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        gcs = f"127.0.0.1:{gcs_port}"
+        deadline = time.monotonic() + 120
+        while head.poll() is None and _nodes_alive(gcs) < 1:
+            assert time.monotonic() < deadline, "head node did not start: " + log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        if head.poll() is None:
+            return head, gcs, dash
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever the failed start left behind
+    raise AssertionError("head node did not start: " + log.read_text(errors="replace")[-3000:])
+
+
 @pytest.fixture
 def cluster() -> Iterator[dict[str, str]]:
-    gcs_port, dash_port, client_port = _free_ports(3)
     temp_dir = tempfile.mkdtemp(prefix="omniray-", dir="/tmp")  # short: Ray's socket paths have a limit
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
-            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-            "--include-dashboard=true", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
-            "--min-worker-port=40000", "--max-worker-port=40999", "--object-store-memory=268435456",
-            "--disable-usage-stats",
-        ],
-        env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    gcs = f"127.0.0.1:{gcs_port}"
+    head, gcs, dash_port = _start_head(temp_dir)
     worker = None
     try:
         deadline = time.monotonic() + 120
-        while _nodes_alive(gcs) < 1:
-            assert time.monotonic() < deadline and head.poll() is None, "head node did not start"
-            time.sleep(1)
         worker = subprocess.Popen(
             [sys.executable, "-m", "tests.ray_worker_node", gcs, "1", temp_dir, "41000"],
             env=ENV, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
