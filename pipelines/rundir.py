@@ -122,6 +122,7 @@ class RunDir:
             owned.update(s["path"] for s in marker["shards"])
             owned.update(marker["ledger"])
         removed = 0
+        removed += storage.remove_stale_temporaries(self.path("units"))  # a marker cut off mid-write
         for d in (self.shards_dir, self.rejects_dir):
             removed += storage.remove_stale_temporaries(d)
             for f in storage.listdir(d):

@@ -17,6 +17,7 @@ from typing import IO, Any
 import fsspec
 
 _options: dict[str, dict[str, Any]] = {}
+TMP = ".tmp-"  # prefix of a local file still being written by ``atomic_write``
 
 
 def configure(endpoint_url: str | None = None, **s3_options: Any) -> None:
@@ -60,11 +61,12 @@ def makedirs(path: str) -> None:
 
 
 def listdir(path: str, suffix: str = "") -> list[str]:
-    """Sorted full paths (with protocol for remote) of files directly under ``path``."""
+    """Sorted full paths (with protocol for remote) of files directly under ``path``; the
+    temporaries of unfinished atomic writes (``.tmp-*``) are not files yet and are left out."""
     fs, p = filesystem(path)
     if not fs.exists(p):
         return []
-    names = [n for n in fs.ls(p, detail=False) if n.endswith(suffix)]
+    names = [n for n in fs.ls(p, detail=False) if n.endswith(suffix) and not n.rsplit("/", 1)[-1].startswith(TMP)]
     if is_remote(path):
         prefix = path.split("://", 1)[0] + "://"
         names = [prefix + n for n in names]
@@ -100,7 +102,7 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
         return
     directory = os.path.dirname(p)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(p)}")
+    tmp = os.path.join(directory, f"{TMP}{uuid.uuid4().hex}-{os.path.basename(p)}")
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -130,7 +132,7 @@ def remove_stale_temporaries(directory: str) -> int:
         return 0
     n = 0
     for name in os.listdir(directory):
-        if name.startswith(".tmp-"):
+        if name.startswith(TMP):
             os.unlink(os.path.join(directory, name))
             n += 1
     return n

@@ -72,6 +72,25 @@ def _start_head(temp_dir: str) -> tuple[subprocess.Popen, str, int]:
     raise AssertionError("head node did not start: " + log.read_text(errors="replace")[-3000:])
 
 
+def _start_worker(gcs: str, temp_dir: str, deadline: float) -> subprocess.Popen:
+    """The second node, retried when it exits during start-up (its log is quoted if all fail)."""
+    log = Path(temp_dir) / "worker.log"
+    for _attempt in range(3):
+        with open(log, "ab") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "tests.ray_worker_node", gcs, "1", temp_dir, "41000"],
+                env=ENV, cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        while worker.poll() is None and _nodes_alive(gcs) < 2:
+            assert time.monotonic() < deadline, "worker node did not join: " + log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        if worker.poll() is None:
+            return worker
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+    raise AssertionError("worker node did not join: " + log.read_text(errors="replace")[-3000:])
+
+
 @pytest.fixture
 def cluster() -> Iterator[dict[str, str]]:
     temp_dir = tempfile.mkdtemp(prefix="omniray-", dir="/tmp")  # short: Ray's socket paths have a limit
@@ -79,13 +98,7 @@ def cluster() -> Iterator[dict[str, str]]:
     worker = None
     try:
         deadline = time.monotonic() + 120
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tests.ray_worker_node", gcs, "1", temp_dir, "41000"],
-            env=ENV, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        while _nodes_alive(gcs) < 2:
-            assert time.monotonic() < deadline and worker.poll() is None, "worker node did not join"
-            time.sleep(1)
+        worker = _start_worker(gcs, temp_dir, deadline)
         yield {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash_port}", "worker_pgid": str(worker.pid)}
     finally:
         for proc in (worker, head):

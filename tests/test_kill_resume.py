@@ -34,7 +34,7 @@ def _kill_midway(recipe: Path, output: Path, total_units: int) -> int:
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            done = len(list(units.glob("*.json"))) if units.is_dir() else 0
+            done = len(list(units.glob("[!.]*.json"))) if units.is_dir() else 0  # not a marker mid-write
             if done >= 2:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -44,7 +44,7 @@ def _kill_midway(recipe: Path, output: Path, total_units: int) -> int:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    committed = len(list(units.glob("*.json")))
+    committed = len(list(units.glob("[!.]*.json")))
     assert proc.returncode == -signal.SIGKILL
     assert 0 < committed < total_units, f"kill landed at {committed}/{total_units} units"
     return committed
@@ -81,3 +81,17 @@ def test_killed_run_resumes_exactly(speech_dir: Path, uninterrupted: Path, tmp_p
     a = read_shardset_manifest(str(uninterrupted / "shards"))["shards"]
     b = read_shardset_manifest(str(out / "shards"))["shards"]
     assert [(s["path"], s["sha256"]) for s in a] == [(s["path"], s["sha256"]) for s in b]
+
+
+def test_a_marker_cut_off_mid_write_is_not_a_commit(tmp_path: Path) -> None:
+    """SIGKILL while a commit marker is written leaves an empty ``.tmp-`` file: it must neither
+    count as committed nor break the resume that cleans it up."""
+    from pipelines.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    run.commit_unit("a-0", {"shards": [], "ledger": []})
+    (tmp_path / "run" / "units" / ".tmp-0123-b-0.json").write_bytes(b"")
+    assert list(run.committed()) == ["a-0"]
+    audit(str(tmp_path / "run"))  # raised JSONDecodeError on the empty file before
+    assert run.clean_uncommitted() == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "units").iterdir()) == ["a-0.json"]
