@@ -38,6 +38,18 @@ class StepSpec:
 
 
 @dataclass
+class Limits:
+    """Bounds on every decode of untrusted input; each one that trips is a counted reject reason."""
+
+    max_text_bytes: int = 16 << 20  # a text file or JSONL line longer than this is rejected
+    max_json_depth: int = 64  # nesting of any JSON we parse (sidecars, JSONL lines, tar .json members)
+    max_json_bytes: int = 16 << 20  # a JSON sidecar or tar .json member
+    max_members_per_key: int = 1024  # tar members that form one sample
+    max_key_bytes: int = 1 << 30  # bytes of one sample's members after decompression
+    max_row_group_rows: int = 1_000_000  # rows of one Parquet row group (a unit is read whole)
+
+
+@dataclass
 class Recipe:
     name: str
     output: str
@@ -47,10 +59,16 @@ class Recipe:
     max_shard_samples: int = 10_000
     max_shard_bytes: int = 1 << 30
     max_inline_bytes: int = 64 << 20  # media larger than this stay as URIs
-    max_text_bytes: int = 16 << 20  # a text file or JSONL line longer than this is rejected
+    limits: Limits = field(default_factory=Limits)
+    # URI prefixes a record may name (besides its own source's root); checked at ingest and by the trainer
+    allow_uris: list[str] = field(default_factory=list)
     executor: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."
+
+    @property
+    def max_text_bytes(self) -> int:
+        return self.limits.max_text_bytes
 
     def config_hash(self) -> str:
         doc = {
@@ -58,7 +76,8 @@ class Recipe:
             "steps": [vars(s) for s in self.steps],
             "imports": self.imports,
             "shards": [self.max_shard_samples, self.max_shard_bytes, self.max_inline_bytes],
-            "limits": [self.max_text_bytes],
+            "limits": vars(self.limits),
+            "allow_uris": self.allow_uris,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -126,9 +145,12 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
         max_shard_samples=int(shards.get("max_samples", 10_000)),
         max_shard_bytes=parse_size(shards.get("max_bytes", 1 << 30)),
         max_inline_bytes=parse_size(shards.get("max_inline_bytes", 64 << 20)),
-        max_text_bytes=parse_size((doc.get("limits") or {}).get("max_text_bytes", 16 << 20)),
+        limits=Limits(
+            **{k: parse_size(v) if k.endswith("bytes") else int(v) for k, v in (doc.get("limits") or {}).items()}
+        ),
+        allow_uris=[str(u) for u in (doc.get("storage") or {}).get("allow_uris") or []],
         executor=dict(doc.get("executor") or {}),
-        storage=dict(doc.get("storage") or {}),
+        storage={k: v for k, v in (doc.get("storage") or {}).items() if k != "allow_uris"},
         base_dir=base_dir,
     )
 
