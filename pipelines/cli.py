@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from pipelines.errors import describe_error, first_line  # noqa: E402  (after the environment is set)
+
 
 class UserError(Exception):
     """Anything the user can fix; printed as one line, exit status 2."""
@@ -23,10 +25,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, output=args.output)
+    args.writes_to = recipe.output  # what a "disk full" names when the OS names no file
     if args.ray_address:
         recipe.executor["address"] = args.ray_address
     t0 = time.perf_counter()
-    manifest = run_recipe(recipe, executor=args.executor, progress=not args.quiet)
+    manifest = run_recipe(recipe, executor=args.executor, progress=not args.quiet, repair=args.repair)
     print(
         f"{recipe.name}: ingested {manifest['ingested']}, written {manifest['written']}, "
         f"rejected {manifest['rejected']} in {time.perf_counter() - t0:.1f}s -> {recipe.output}"
@@ -45,10 +48,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipelines.inspect_shards import inspect_target
+    from pipelines.inspect_shards import examine
 
-    print(inspect_target(args.target, limit=args.n))
-    return 0
+    result = examine(args.target, limit=args.n)
+    print(result.text)
+    return 1 if result.damaged else 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=("ray", "local"), help="override the recipe's executor")
     r.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--repair", action="store_true", help="also re-hash every committed shard (sha256) and redo damaged units"
+    )
     r.set_defaults(fn=_cmd_run)
 
     a = sub.add_parser("audit", help="prove ingested = written + rejected for a run")
@@ -160,9 +167,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (UserError, RecipeError, ResumeRefused, FileNotFoundError, UnknownOperator) as e:
-        print(f"omni: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, RecipeError, ResumeRefused, UnknownOperator) as e:
+        message = first_line(e)
+    except Exception as e:  # a full disk, refused credentials, an unreachable endpoint: one line too
+        message = describe_error(e, getattr(args, "writes_to", None))
+        if message is None:
+            raise
+        logging.getLogger("omni").info("the error in full:", exc_info=True)  # shown with -v
+    print(f"omni: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,13 +8,22 @@ Ray can run the class as an actor pool and a plain loop can run it in tests.
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
+import importlib
+import inspect
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards.schema import DETAIL_COLUMN, REASON_COLUMN
+
+if TYPE_CHECKING:
+    from pipelines.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class Operator:
     name: ClassVar[str] = ""
     resources: ClassVar[Resources] = Resources()
     stateful: ClassVar[bool] = False  # True when setup() loads something worth keeping in an actor
+    # inclusive (low, high) bounds of numeric parameters, None for open; checked before a run starts
+    param_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -63,8 +74,6 @@ def register(cls: type[Operator]) -> type[Operator]:
 
 def _load_operators(imports: tuple[str, ...] = ()) -> None:
     """Importing a module registers its operators: ours, plus a recipe's ``imports``."""
-    import importlib
-
     for module in ("filters", "synth", "pipelines.accounting", *imports):
         importlib.import_module(module)
 
@@ -74,8 +83,139 @@ def get_operator(name: str, imports: tuple[str, ...] = ()) -> type[Operator]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise UnknownOperator(f"unknown operator {name!r} (registered: {known})") from None
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"registered: {', '.join(sorted(_REGISTRY)) or 'none'}"
+        raise UnknownOperator(f"unknown operator {name!r} ({hint})") from None
+
+
+def _annotation(value: Any, module_globals: dict[str, Any]) -> Any:
+    """A parameter's annotation as an object (``from __future__ import annotations`` makes it a string)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return eval(value, module_globals)  # our own modules' annotation text, not user input
+    except Exception:  # a name imported only for type checkers: not checked
+        return inspect.Parameter.empty
+
+
+def _matches(value: Any, ann: Any) -> bool | None:
+    """Does ``value`` (from YAML) fit a simple annotation? None when the annotation is too complex to tell."""
+    if ann is Any or ann is inspect.Parameter.empty:
+        return True
+    if ann is None or ann is type(None):
+        return value is None
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Union or origin is types.UnionType:
+        results = [_matches(value, a) for a in args]
+        return True if True in results else (None if None in results else False)
+    if origin is typing.Literal:
+        return value in args
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is str:
+        return isinstance(value, str)
+    container = origin or ann
+    if container in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):
+            results = [_matches(v, args[0]) for v in value]
+            return False if False in results else (None if None in results else True)
+        return None
+    if container in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(ann: Any) -> str:
+    text = ann if isinstance(ann, str) else inspect.formatannotation(ann)
+    return text.replace("typing.", "").replace("collections.abc.", "")
+
+
+def _parameters(cls: type[Operator]) -> tuple[dict[str, tuple[inspect.Parameter, dict[str, Any]]], bool]:
+    """(named parameters with the globals their annotations resolve in, accepts any other name).
+
+    An ``__init__`` taking ``**kwargs`` usually forwards them to its base (the builders do), so the
+    named parameters of the bases up the MRO count too, for type checks and near-miss typos.
+    """
+    named: dict[str, tuple[inspect.Parameter, dict[str, Any]]] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is Operator or klass is object:
+            break
+        params = inspect.signature(klass.__init__).parameters
+        for name, p in params.items():
+            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                named.setdefault(name, (p, getattr(klass.__init__, "__globals__", {})))
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    own = inspect.signature(cls.__init__).parameters.values()
+    return named, any(p.kind is p.VAR_KEYWORD for p in own)
+
+
+def param_problem(cls: type[Operator], params: dict[str, Any]) -> str | None:
+    """What is wrong with ``params`` for ``cls.__init__`` (unknown, missing, wrong type, out of range), or None."""
+    named, open_ended = _parameters(cls)
+    own = inspect.signature(cls.__init__).parameters
+    for key in params:
+        if key in named:
+            continue
+        # with **kwargs any name goes, except one a letter or two from a known one: that is a typo
+        close = difflib.get_close_matches(str(key), list(named), n=1, cutoff=0.85 if open_ended else 0.6)
+        if close or not open_ended:
+            known = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(named) or 'none'}"
+            return f"unknown parameter {key!r} ({known})"
+    for name, p in own.items():
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty:
+            if name not in params:
+                return f"missing required parameter {name!r}"
+    for key, value in params.items():
+        if key in named:
+            p, module_globals = named[key]
+            if _matches(value, _annotation(p.annotation, module_globals)) is False:
+                return f"parameter {key!r} expects {_describe(p.annotation)}, got {value!r}"[:200]
+        low, high = cls.param_ranges.get(key, (None, None))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and ((low is not None and value < low) or (high is not None and value > high)):
+            bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            return f"parameter {key!r} must be in {bounds}, got {value!r}"
+    return None
+
+
+def check_steps(recipe: Recipe) -> None:
+    """Resolve every step's operator and check its parameters, so a typo fails before a run directory exists.
+
+    Raises ``RecipeError`` (``pipeline[1] (langid): unknown parameter 'model_pth' (did you mean
+    'model_path'?)``) or ``UnknownOperator``; each operator is also built once, as its ``__init__``
+    checks what a signature cannot (``__init__`` is cheap by contract: models load in ``setup()``).
+    """
+    from pipelines.recipe import RecipeError
+
+    _load_operators()
+    for i, module in enumerate(recipe.imports):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise RecipeError(f"imports[{i}]: cannot import {module!r}: {e}") from e
+    for i, step in enumerate(recipe.steps):
+        try:
+            cls = get_operator(step.op)
+        except UnknownOperator as e:
+            raise UnknownOperator(f"pipeline[{i}]: {e}") from None
+        where = f"pipeline[{i}] ({step.op})"
+        problem = param_problem(cls, step.params)
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
+        try:
+            cls(**step.params)
+        except (ValueError, TypeError, LookupError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RecipeError(f"{where}: {first}") from e
 
 
 def registered() -> dict[str, type[Operator]]:

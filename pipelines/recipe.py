@@ -2,14 +2,20 @@
 
 The config hash covers everything that changes what a run writes (sources, steps, shard sizes);
 executor settings (Ray address, CPUs) do not, so the same run can resume on another cluster.
+
+The recipe is a schema (``SCHEMA``): an unknown key, a wrong type or a size that is not > 0 is a
+``RecipeError`` naming its path (``sources[1].unit_size``) before anything is created, so a typo can
+never silently fall back to a default. Operator parameters are checked by ``pipelines.operator.check_steps``.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -82,16 +88,156 @@ class Recipe:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_SIZE = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*([kmgtp]?)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
 def parse_size(value: Any) -> int:
-    """``512MB``, ``1GiB``, ``4096`` → bytes."""
+    """``512MB``, ``1GiB``, ``64k``, ``4096`` → bytes (binary units); anything else is a ``RecipeError``."""
+    if isinstance(value, bool):
+        raise RecipeError(f"{value!r} is not a size (like 64MB, 1GiB or 4096)")
     if isinstance(value, int):
         return value
-    text = str(value).strip().upper().replace("IB", "B")
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
-    for suffix, mult in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * mult)
-    return int(text)
+    if isinstance(value, float):
+        return int(value)
+    match = _SIZE.fullmatch(str(value))
+    if not match:
+        raise RecipeError(f"{_show(value)} is not a size (like 64MB, 1GiB or 4096)")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+# The recipe schema: one table, one checker. A kind is a scalar kind ("text", "count", "size", "bool",
+# "mapping"), a section (another key of SCHEMA), "list:<kind>", or a tuple of allowed values.
+Kind = str | tuple[str, ...]
+EXECUTOR_TYPES = ("local", "ray")
+SCHEMA: dict[str, dict[str, Kind]] = {
+    "recipe": {
+        "name": "text",
+        "output": "text",
+        "sources": "list:source",
+        "pipeline": "list:step",
+        "imports": "list:text",
+        "shards": "shards",
+        "limits": "limits",
+        "executor": "executor",
+        "storage": "storage",
+        "dedup": "mapping",  # read by `omni dedup`, which checks it
+    },
+    "source": {
+        "name": "text",
+        "type": SOURCE_TYPES,
+        "path": "text",
+        "unit_size": "count",
+        "unit_bytes": "size",
+        "max_member_bytes": "size",
+        "allow_paths": "list:text",
+    },
+    "step": {"op": "text", "params": "mapping"},
+    "shards": {"max_samples": "count", "max_bytes": "size", "max_inline_bytes": "size"},
+    "limits": {f.name: "size" if f.name.endswith("bytes") else "count" for f in fields(Limits)},
+    "executor": {
+        "type": EXECUTOR_TYPES,
+        "num_cpus": "count",
+        "object_store_memory": "size",
+        "address": "text",
+        "log_to_driver": "bool",
+        "ray_progress_bars": "bool",
+        "max_block_bytes": "size",
+    },
+    "storage": {  # s3fs.S3FileSystem arguments, plus our allow-list
+        "endpoint_url": "text",
+        "key": "text",
+        "secret": "text",
+        "token": "text",
+        "anon": "bool",
+        "client_kwargs": "mapping",
+        "config_kwargs": "mapping",
+        "allow_uris": "list:text",
+    },
+}
+REQUIRED: dict[str, tuple[str, ...]] = {"recipe": ("sources",), "source": ("type", "path"), "step": ("op",)}
+SHORTHAND = {"step": "op"}  # `- validate` in a pipeline means `- {op: validate}`
+HINTS = {  # unknown keys a user is likely to try, with where they go instead
+    "region_name": "put it under client_kwargs: {region_name: ...}",
+    "resources": "operator resources are not configurable in a recipe yet",
+}
+SOURCE_OPTIONS = ("max_member_bytes", "allow_paths")  # source keys kept in ``SourceSpec.options``
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _at(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def suggest(word: Any, known: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, else the list of known names."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (one of {', '.join(map(str, known))})"
+
+
+def _scalar(value: Any, kind: str, path: str) -> Any:
+    """Check one scalar against its kind; returns the normalised value (sizes as ints)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "text" and (isinstance(value, str) or number):
+        return str(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "mapping" and isinstance(value, dict):
+        return value
+    if kind == "count" and number and value == int(value):
+        if value <= 0:
+            raise RecipeError(f"{path}: must be > 0, got {_show(value)}")
+        return int(value)
+    if kind == "size" and (number or isinstance(value, str)):
+        try:
+            size = parse_size(value)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+        if size <= 0:
+            raise RecipeError(f"{path}: must be > 0, got {_show(value)}")
+        return size
+    expected = {
+        "text": "a string",
+        "bool": "true or false",
+        "mapping": "a mapping",
+        "count": "a whole number > 0",
+        "size": "a size > 0 (like 64MB or 4096)",
+    }[kind]
+    raise RecipeError(f"{path}: expected {expected}, got {_show(value)}")
+
+
+def _check(value: Any, kind: Kind, path: str) -> Any:
+    """Check ``value`` against ``kind`` (see SCHEMA); errors name the path, e.g. ``sources[1].unit_size``."""
+    if isinstance(kind, tuple):
+        if value not in kind:
+            noun = path.rsplit(".", 1)[-1]
+            raise RecipeError(f"{path}: unknown {noun} {_show(value)}{suggest(value, kind)}")
+        return value
+    if kind.startswith("list:"):
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {_show(value)}")
+        return [_check(v, kind[5:], f"{path}[{i}]") for i, v in enumerate(value)]
+    if kind not in SCHEMA:
+        return _scalar(value, kind, path)
+    if kind in SHORTHAND and isinstance(value, str):
+        value = {SHORTHAND[kind]: value}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {_show(value)}")
+    known = SCHEMA[kind]
+    for key in value:
+        if key not in known:
+            where = f"{path}: unknown key {key!r}" if path else f"unknown key {key!r} in recipe"
+            hint = f" ({HINTS[key]})" if key in HINTS else suggest(key, known)
+            raise RecipeError(where + hint)
+    for key in REQUIRED.get(kind, ()):
+        if value.get(key) is None:
+            raise RecipeError(f"{path}: missing {key!r}" if path else f"recipe has no {key!r}")
+    # null means "not given": the default applies (a key whose value is commented out)
+    return {k: _check(v, known[k], _at(path, k)) for k, v in value.items() if v is not None}
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -101,26 +247,25 @@ def _resolve(path: str, base_dir: str) -> str:
 
 
 def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | None = None) -> Recipe:
+    """Check ``doc`` against SCHEMA (unknown keys, types, ranges) and build the Recipe; nothing is touched on disk."""
     if not isinstance(doc, dict):
         raise RecipeError("recipe must be a YAML mapping")
-    for key in ("sources", "output"):
-        if key not in doc and not (key == "output" and output):
-            raise RecipeError(f"recipe has no '{key}'")
+    d = _check(doc, "recipe", "")
+    if not (output or d.get("output")):
+        raise RecipeError("recipe has no 'output'")
     sources = []
-    for i, s in enumerate(doc["sources"] or []):
-        if not isinstance(s, dict) or "path" not in s or "type" not in s:
-            raise RecipeError(f"source #{i} needs 'type' and 'path'")
-        if s["type"] not in SOURCE_TYPES:
-            raise RecipeError(f"source #{i}: unknown type {s['type']!r} (one of {', '.join(SOURCE_TYPES)})")
-        known = {"name", "type", "path", "unit_size", "unit_bytes"}
+    for i, s in enumerate(d["sources"]):
+        options = {k: s[k] for k in SOURCE_OPTIONS if k in s}
+        if "allow_paths" in options:
+            options["allow_paths"] = [_resolve(p, base_dir) for p in options["allow_paths"]]
         sources.append(
             SourceSpec(
-                name=str(s.get("name", f"{s['type']}{i}")),
+                name=s.get("name", f"{s['type']}{i}"),
                 type=s["type"],
-                path=_resolve(str(s["path"]), base_dir),
-                unit_size=int(s.get("unit_size", 256)),
-                unit_bytes=parse_size(s.get("unit_bytes", 64 << 20)),
-                options={k: v for k, v in s.items() if k not in known},
+                path=_resolve(s["path"], base_dir),
+                unit_size=s.get("unit_size", 256),
+                unit_bytes=s.get("unit_bytes", 64 << 20),
+                options=options,
             )
         )
     if not sources:
@@ -128,29 +273,21 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise RecipeError(f"source names must be unique: {names}")
-    steps = []
-    for i, st in enumerate(doc.get("pipeline") or []):
-        if isinstance(st, str):
-            st = {"op": st}
-        if not isinstance(st, dict) or "op" not in st:
-            raise RecipeError(f"pipeline step #{i} needs an 'op'")
-        steps.append(StepSpec(op=st["op"], params=dict(st.get("params") or {})))
-    shards = doc.get("shards") or {}
+    shards = d.get("shards", {})
+    storage = d.get("storage", {})
     return Recipe(
-        name=str(doc.get("name", "run")),
-        output=_resolve(output or str(doc["output"]), base_dir),
+        name=d.get("name", "run"),
+        output=_resolve(output or d["output"], base_dir),
         sources=sources,
-        steps=steps,
-        imports=[str(m) for m in doc.get("imports") or []],
-        max_shard_samples=int(shards.get("max_samples", 10_000)),
-        max_shard_bytes=parse_size(shards.get("max_bytes", 1 << 30)),
-        max_inline_bytes=parse_size(shards.get("max_inline_bytes", 64 << 20)),
-        limits=Limits(
-            **{k: parse_size(v) if k.endswith("bytes") else int(v) for k, v in (doc.get("limits") or {}).items()}
-        ),
-        allow_uris=[str(u) for u in (doc.get("storage") or {}).get("allow_uris") or []],
-        executor=dict(doc.get("executor") or {}),
-        storage={k: v for k, v in (doc.get("storage") or {}).items() if k != "allow_uris"},
+        steps=[StepSpec(op=st["op"], params=dict(st.get("params", {}))) for st in d.get("pipeline", [])],
+        imports=d.get("imports", []),
+        max_shard_samples=shards.get("max_samples", 10_000),
+        max_shard_bytes=shards.get("max_bytes", 1 << 30),
+        max_inline_bytes=shards.get("max_inline_bytes", 64 << 20),
+        limits=Limits(**d.get("limits", {})),
+        allow_uris=storage.get("allow_uris", []),
+        executor=d.get("executor", {}),
+        storage={k: v for k, v in storage.items() if k != "allow_uris"},
         base_dir=base_dir,
     )
 

@@ -58,6 +58,7 @@ class Builder(Operator):
 
     kinds: ClassVar[tuple[str, ...]] = ()
     resources = Resources(cpus=1)
+    param_ranges = {"share": (0.0, 1.0), "fraction": (0.0, 1.0)}
 
     def __init__(
         self,
