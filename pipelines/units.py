@@ -66,26 +66,51 @@ def _with_timing(table: pa.Table, stage: str, seconds: float, rows_mask: pa.Arra
     return table.append_column(column, values)
 
 
+def _duplicate_id(sample_id: str, n: int) -> str:
+    """A ledger id for the ``n``-th repeat of ``sample_id``: distinct from it and from every other id."""
+    return hashlib.sha256(f"duplicate\0{sample_id}\0{n}".encode()).hexdigest()[:32]
+
+
 def records_to_table(unit: str, records: Iterable[Record]) -> pa.Table:
+    """One unit's inputs as rows in flight: samples, and rejects carrying their reason.
+
+    Ids are computed from source + locator + content, and readers make locators unique within a
+    source (paths, line offsets, row numbers, tar keys with ``~n`` for repeats), so ids cannot
+    collide across units; units of different sources differ by source. Inside a unit this is the
+    last guard: a second row with an id already seen is rejected as ``duplicate id`` under an id
+    of its own, so the shards never hold an id twice and the audit stays exact."""
     rows = []
+    seen: Counter = Counter()
     for rec in records:
         if rec.sample is not None:
-            rows.append({**rec.sample, REASON_COLUMN: None, DETAIL_COLUMN: None, STAGE_COLUMN: None})
+            row = {**rec.sample, REASON_COLUMN: None, DETAIL_COLUMN: None, STAGE_COLUMN: None}
         else:
             r = rec.reject
             assert r is not None
-            rows.append(
-                {
-                    "id": r.id,
-                    "source": "",
-                    "kind": "",
-                    "segments": [],
-                    "meta": dumps_meta({"locator": r.locator}),
-                    REASON_COLUMN: r.reason,
-                    DETAIL_COLUMN: r.detail,
-                    STAGE_COLUMN: "ingest",
-                }
-            )
+            row = {
+                "id": r.id,
+                "source": "",
+                "kind": "",
+                "segments": [],
+                "meta": dumps_meta({"locator": r.locator}),
+                REASON_COLUMN: r.reason,
+                DETAIL_COLUMN: r.detail,
+                STAGE_COLUMN: "ingest",
+            }
+        seen[row["id"]] += 1
+        if seen[row["id"]] > 1:
+            locator = loads_meta(row["meta"]).get("locator")
+            row = {
+                "id": _duplicate_id(row["id"], seen[row["id"]]),
+                "source": row["source"],
+                "kind": "",
+                "segments": [],
+                "meta": dumps_meta({"locator": locator, "duplicate_of": row["id"]}),
+                REASON_COLUMN: "duplicate id",
+                DETAIL_COLUMN: f"an earlier input of this unit has id {row['id']}",
+                STAGE_COLUMN: "ingest",
+            }
+        rows.append(row)
     for row in rows:
         row[UNIT_COLUMN] = unit
         row[UNIT_TOTAL_COLUMN] = len(rows)

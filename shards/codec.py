@@ -15,7 +15,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from shards import safejson
 from shards.schema import (
+    KINDS,
+    MODALITIES,
     SAMPLE_SCHEMA,
     content_id,
     dumps_meta,
@@ -37,6 +40,11 @@ MODALITY_OF_EXT = {
 }
 FOREIGN_ORDER = ("image", "video", "audio", "text")
 SAMPLE_FIELDS = {f.name for f in SAMPLE_SCHEMA}
+# Reading our own output still bounds JSON depth, generously, far below the recursion limit.
+TRUSTED_JSON_DEPTH = 512
+# Levels our sample json adds around a record's metadata (doc → segments → segment → meta), so a
+# shard written from records within ``max_json_depth`` can be ingested again under the same bound.
+JSON_ENVELOPE_DEPTH = 4
 
 
 class DecodeError(ValueError):
@@ -106,36 +114,85 @@ def encode_sample(row: Mapping[str, Any]) -> dict[str, bytes]:
     return {"json": members.pop("json"), **members}
 
 
-def decode_sample(key: str, members: Mapping[str, bytes], source: str = "", locator: str = "") -> dict[str, Any]:
+def decode_sample(
+    key: str,
+    members: Mapping[str, bytes],
+    source: str = "",
+    locator: str = "",
+    *,
+    trust_id: bool = True,
+    max_json_depth: int | None = TRUSTED_JSON_DEPTH,
+    max_json_bytes: int | None = None,
+) -> dict[str, Any]:
     """A Sample row from one key's members, ours or a foreign layout. Raises DecodeError.
 
-    Foreign samples get their id from ``source`` and ``locator`` (default: the key) and content."""
+    ``trust_id`` is for reading our own output (audit, inspect, the trainer): our samples keep their
+    stored id and source. Ingest passes ``trust_id=False``: every id is then ours to compute from
+    ``source``, ``locator`` (default: the key) and content, and what the input claimed (its ``id``,
+    or a foreign json's ``id``/``key``) is kept as ``meta.claimed_id``. A tar's json is bounded in
+    bytes and depth; ours may nest ``JSON_ENVELOPE_DEPTH`` deeper than the record it came from."""
     doc = None
     if "json" in members:
         try:
-            doc = json.loads(members["json"].decode("utf-8"))
+            doc = safejson.loads(members["json"], max_json_depth, max_json_bytes)
+        except safejson.JsonBound as e:
+            raise DecodeError(e.reason, e.detail) from e
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DecodeError("bad json member", str(e)[:200]) from e
         if not isinstance(doc, dict):
             raise DecodeError("bad json member", "not an object")
     if doc is not None and doc.get("format") == FORMAT:
-        return _decode_ours(doc, members)
+        row = _decode_ours(doc, members)
+        if trust_id:
+            return row
+        return _as_ingested(row, source, locator or key)
     return _decode_foreign(locator or key, members, doc or {}, source)
 
 
+def _bad(detail: str) -> DecodeError:
+    return DecodeError("bad sample json", detail[:200])
+
+
+def _check_doc(doc: dict[str, Any], members: Mapping[str, bytes]) -> None:
+    """Our sample json must follow the schema; anything else is one reject, never a KeyError."""
+    for name in ("id", "source", "kind"):
+        if not isinstance(doc.get(name), str) or not doc[name]:
+            raise _bad(f"{name} missing or not a string")
+    if doc["kind"] not in KINDS:
+        raise _bad(f"unknown kind {doc['kind'][:50]!r}")
+    if not isinstance(doc.get("meta", {}), dict | None):
+        raise _bad("meta is not an object")
+    columns = doc.get("columns", {})
+    if not isinstance(columns, dict):
+        raise _bad("columns is not an object")
+    reserved = [c for c in columns if c in SAMPLE_FIELDS or c.startswith("_")]  # would overwrite the row's own
+    if reserved:
+        raise _bad(f"reserved column names {reserved[:5]}")
+    segments = doc.get("segments")
+    if not isinstance(segments, list):
+        raise _bad("segments missing or not a list")
+    for i, entry in enumerate(segments):
+        if not isinstance(entry, dict) or entry.get("modality") not in MODALITIES:
+            raise _bad(f"segment #{i} has no known modality")
+        for name in ("text", "uri", "member"):
+            if entry.get(name) is not None and not isinstance(entry[name], str):
+                raise _bad(f"segment #{i}: {name} is not a string")
+        if not isinstance(entry.get("meta", {}), dict | None):
+            raise _bad(f"segment #{i}: meta is not an object")
+        if entry.get("member") is not None and entry["member"] not in members:
+            raise DecodeError("missing member", entry["member"][:200])
+
+
 def _decode_ours(doc: dict[str, Any], members: Mapping[str, bytes]) -> dict[str, Any]:
+    _check_doc(doc, members)
     segments = []
     for entry in doc["segments"]:
-        data = None
-        if "member" in entry:
-            if entry["member"] not in members:
-                raise DecodeError("missing member", entry["member"])
-            data = members[entry["member"]]
+        member = entry.get("member")
         segments.append(
             {
                 "modality": entry["modality"],
                 "text": entry.get("text"),
-                "bytes": data,
+                "bytes": members[member] if member is not None else None,
                 "uri": entry.get("uri"),
                 "meta": dumps_meta(entry.get("meta")),
             }
@@ -149,6 +206,24 @@ def _decode_ours(doc: dict[str, Any], members: Mapping[str, bytes]) -> dict[str,
     }
     row.update(doc.get("columns", {}))
     return row
+
+
+def _as_ingested(row: dict[str, Any], source: str, locator: str) -> dict[str, Any]:
+    """One of our samples read as input: our id, this source and locator; what it claimed in meta."""
+    meta = loads_meta(row["meta"])
+    claimed = {"claimed_id": row["id"]}
+    if row["source"] != source:
+        claimed["claimed_source"] = row["source"]
+    if "locator" in meta and meta["locator"] != locator:
+        claimed["claimed_locator"] = meta["locator"]
+    meta.update(claimed, locator=locator)
+    return {
+        "id": content_id(source, locator, row["segments"]),
+        "source": source,
+        "kind": row["kind"],
+        "segments": row["segments"],
+        "meta": dumps_meta(meta),
+    }
 
 
 def _decode_foreign(locator: str, members: Mapping[str, bytes], doc: dict[str, Any], source: str) -> dict[str, Any]:
@@ -180,6 +255,9 @@ def _decode_foreign(locator: str, members: Mapping[str, bytes], doc: dict[str, A
                     {"modality": modality, "text": None, "bytes": data, "uri": None, "meta": dumps_meta({"ext": ext})}
                 )
     meta: dict[str, Any] = {"locator": locator, "foreign": doc} if doc else {"locator": locator}
+    claimed = doc.get("id", doc.get("key"))
+    if isinstance(claimed, str | int) and not isinstance(claimed, bool):
+        meta["claimed_id"] = str(claimed)
     if ignored:
         meta["ignored_members"] = ignored
     return {

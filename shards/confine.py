@@ -3,13 +3,15 @@
 One rule for ingest and for the trainer, so a record or a shard can never make either read
 ``/etc/passwd``, follow a symlink out of its source, or fetch an arbitrary URL (an SSRF). Local
 paths are compared after ``realpath`` (symlinks that stay inside are fine); remote URIs by scheme
-and normalised prefix, and any ``..`` segment in a remote URI is refused outright.
+and normalised prefix, and any ``..`` segment in a remote URI is refused outright. What may be
+opened must also be a regular file: a fifo blocks a reader forever and ``/dev/zero`` never ends.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -91,3 +93,30 @@ def resolve_record_path(value: str, base: str) -> str:
     if posixpath.isabs(value):
         return value
     return storage.join(base, value) if storage.is_remote(base) else os.path.normpath(os.path.join(base, value))
+
+
+def check_regular(real: str) -> None:
+    """Raise ``Confined`` for what must never be opened: fifos, devices, sockets, directories."""
+    try:
+        mode = os.stat(real).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # missing: the reader reports it with its own reason
+    except OSError as e:
+        raise Confined("unreadable file", str(e)) from e
+    if not stat.S_ISREG(mode):
+        raise Confined("not a regular file", real)
+
+
+def confine_local(path: str, policy: UriPolicy, reason: str) -> str:
+    """The real path to open for local ``path``: ``policy`` must allow it and it must be a regular file
+    (or missing, for the reader to report); raises ``Confined``, with ``reason`` when it lies outside
+    the roots. A remote path is checked by prefix and returned as it is."""
+    if storage.is_remote(path):
+        policy.check(path)
+        return path
+    try:
+        real = policy.check(path)
+    except Confined as e:
+        raise Confined(reason, path) from e
+    check_regular(real)
+    return real

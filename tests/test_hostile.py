@@ -50,6 +50,8 @@ def hostile(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     for name, (data, reason) in files.items():
         (media / name).write_bytes(data)
         expected[name.split(".")[0]] = reason
+    (media / "passwd.txt").symlink_to("/etc/passwd")  # never opened, let alone written into a shard
+    expected["passwd"] = "path outside source root"
     lines = [
         json.dumps({"text": PHOTOS["coffee"]}),
         '{"text": "no closing brace"',
@@ -57,6 +59,9 @@ def hostile(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         json.dumps({"text": "y" * (LIMIT + 5)}),
         json.dumps({"image": "../../../../etc/passwd"}),
         json.dumps({"image": "/dev/zero"}),
+        "[" * 100_000,
+        json.dumps({"image": "file:///etc/passwd", "text": "a password file"}),
+        json.dumps({"segments": [{"modality": "image", "uri": "http://127.0.0.1:9/x"}]}),
     ]
     raw = ("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n'
     (src / "docs.jsonl").write_bytes(raw)
@@ -69,8 +74,11 @@ def hostile(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "broken json line",
         "record is not an object",
         "line too long",
-        "missing media file",  # relative paths resolve against the manifest: ../ leaves nothing to read here
-        "empty file",  # /dev/zero has no size: never read forever
+        "path outside allowed roots",  # relative paths resolve under the manifest's folder; ../ leaves it
+        "path outside allowed roots",  # /dev/zero is never opened
+        "json too deep",  # no RecursionError
+        "path outside allowed roots",
+        "uri not allowed",  # never fetched (an SSRF)
         "text is not utf-8",
     ]
     for off, reason in zip(offsets, reasons, strict=True):
@@ -88,6 +96,8 @@ def hostile(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     )
     (src / "wds" / "evil.tar").write_bytes(tar)
     (src / "wds" / "cut.tar").write_bytes(tar_with([("000.txt", b"caption " * 500)])[:700])
+    (src / "wds" / "readme.txt").write_text("not a shard")  # counted, not skipped
+    expected["readme.txt"] = "not read: unsupported file for webdataset source"
     return src, expected
 
 
@@ -125,7 +135,35 @@ def test_hostile_corpus_is_fully_ledgered(hostile: tuple[Path, dict[str, str]], 
         "unsafe tar member: link",
         "unsafe tar member: parent path",
     ]
+    passwd = Path("/etc/passwd").read_bytes()[:64]
+    assert not any(passwd in t.read_bytes() for t in (tmp_path / "run" / "shards").glob("*.tar"))
     report = audit(str(tmp_path / "run"))
     assert report.balanced, report.summary()
     assert m["written"] == 3, "good.jpg, the coffee line and the tar's one clean sample"
     assert m["ingested"] == len(expected) + 6, "plus evil.tar's sample and 4 unsafe members, and cut.tar"
+
+
+def test_ray_executor_ledgers_the_hostile_corpus_like_the_local_loop(
+    hostile: tuple[Path, dict[str, str]], tmp_path: Path, ray_local
+) -> None:
+    """The same hostile inputs through Ray Data tasks: the same rejects, the same shard bytes."""
+    src, _ = hostile
+    runs = {}
+    for executor in ("local", "ray"):
+        doc = {
+            "name": "hostile",
+            "output": str(tmp_path / executor),
+            "sources": [
+                {"name": "media", "type": "local", "path": str(src / "media"), "unit_size": 4},
+                {"name": "docs", "type": "jsonl", "path": str(src / "docs.jsonl")},
+                {"name": "wds", "type": "webdataset", "path": str(src / "wds")},
+            ],
+            "pipeline": [{"op": "validate", "params": {"max_pixels": 50_000_000, "timeout_s": 20, "threads": 1}}],
+            "limits": {"max_text_bytes": LIMIT},
+        }
+        run_recipe(recipe_from_dict(doc), executor=executor, progress=False)
+        ledger = RunDir(str(tmp_path / executor)).read_ledger().to_pylist()
+        shards = {p.name: p.read_bytes() for p in sorted((tmp_path / executor / "shards").glob("*.tar"))}
+        runs[executor] = (sorted((r["locator"], r["reason"], r["id"]) for r in ledger), shards)
+        assert audit(str(tmp_path / executor)).balanced
+    assert runs["ray"] == runs["local"]
