@@ -1,21 +1,22 @@
 """Prove a run lost and duplicated nothing: ingested = written + rejected, unit by unit.
 
 The audit re-reads what is on disk rather than trusting the markers' counts: every shard's sha256,
-every sample id in the shards and every id in the ledger.
+every sample id in the shards and every id in the ledger. It reads each shard once (hash and parse
+in one pass) and lists whatever is damaged; ``omni run`` on the run redoes the damaged units.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 from tqdm import tqdm
 
-from pipelines.rundir import RunDir
+from pipelines.rundir import LEDGER_SCHEMA, RunDir
 from shards import storage
-from shards.reader import iter_samples
+from shards.verify import ShardScan
 
 
 @dataclass
@@ -42,58 +43,68 @@ class AuditReport:
         return "\n".join([line, *(f"  problem: {p}" for p in self.problems[:20])])
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with storage.open_read(path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def audit(root: str, progress: bool = False) -> AuditReport:
+    """Re-read the run and account for every input; damage of any kind becomes a listed problem
+    (``damaged shard X: why``, ``unreadable ledger part Y``), never an exception."""
     run = RunDir(root)
     report = AuditReport()
     if not run.is_started():
         report.problems.append(f"{root} is not a run directory (no run.json)")
         return report
-    plan = json.loads(storage.read_bytes(run.path("plan.json")))
-    markers = run.committed()
-    report.planned_units, report.committed_units = len(plan), len(markers)
-    missing = [u["id"] for u in plan if u["id"] not in markers]
+    try:
+        plan = json.loads(storage.read_bytes(run.path("plan.json")))
+        planned = [u["id"] for u in plan]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        report.problems.append(f"unreadable plan.json: {type(e).__name__}: {e}")
+        planned = []
+    markers, broken = run.markers()
+    for unit, why in sorted(broken.items()):
+        report.problems.append(f"unreadable commit marker units/{unit}.json: {why}")
+    report.planned_units, report.committed_units = len(planned), len(markers)
+    missing = [u for u in planned if u not in markers]
     if missing:
         report.problems.append(f"{len(missing)} units not committed (e.g. {missing[0]}): re-run to finish")
-    seen: Counter = Counter()
-    ledger = run.read_ledger()
+    parts, unreadable = run.read_ledger_parts()
+    for name, why in sorted(unreadable.items()):
+        report.problems.append(f"unreadable ledger part {name}: {why}")
+    ledger = pa.concat_tables(parts.values()) if parts else LEDGER_SCHEMA.empty_table()
     ledger_ids = ledger["id"].to_pylist()
     ledger_by_unit = Counter(ledger["unit"].to_pylist())
     report.rejects_by_reason = Counter(ledger["reason"].to_pylist())
+    seen: Counter = Counter()
     for unit, m in tqdm(sorted(markers.items()), desc="audit units", unit="unit", disable=not progress):
-        report.ingested += m["ingested"]
+        ingested = m.get("ingested", 0)
+        report.ingested += ingested
         written = 0
+        damaged = False
         for s in m["shards"]:
-            path = storage.join(run.shards_dir, s["path"])
-            if not storage.exists(path):
-                report.problems.append(f"missing shard {s['path']}")
+            scan = ShardScan(storage.join(run.shards_dir, s["path"]), s, name=s["path"])
+            ids = [rec.sample["id"] for rec in scan.records() if rec.sample is not None]
+            if scan.damage is not None:
+                report.problems.append(f"damaged shard {s['path']}: {scan.damage}")
+                damaged = True
                 continue
-            if _sha256(path) != s["sha256"]:
-                report.problems.append(f"sha256 mismatch for {s['path']}")
-            ids = [sample["id"] for sample in iter_samples(path)]
-            if len(ids) != s["samples"]:
-                report.problems.append(f"{s['path']} holds {len(ids)} samples, manifest says {s['samples']}")
+            if len(ids) != s.get("samples"):
+                report.problems.append(f"{s['path']} holds {len(ids)} samples, manifest says {s.get('samples')}")
             written += len(ids)
             seen.update(ids)
             report.shards += 1
+        for name in m["ledger"]:
+            if name not in parts and name not in unreadable:
+                report.problems.append(f"missing ledger part {name} (unit {unit})")
+                damaged = True
+            elif name in unreadable:
+                damaged = True
         rejected = ledger_by_unit.get(unit, 0)
         report.written += written
         report.rejected += rejected
-        if written + rejected != m["ingested"]:
-            report.problems.append(f"unit {unit}: ingested {m['ingested']} != written {written} + rejected {rejected}")
+        if not damaged and written + rejected != ingested:
+            report.problems.append(f"unit {unit}: ingested {ingested} != written {written} + rejected {rejected}")
     seen.update(ledger_ids)
     dupes = [i for i, n in seen.items() if n > 1]
     if dupes:
         report.problems.append(f"{len(dupes)} ids appear more than once (e.g. {dupes[0]})")
-    committed_units = set(markers)
-    orphans = sorted(set(ledger_by_unit) - committed_units)
+    orphans = sorted(set(ledger_by_unit) - set(markers))
     if orphans:
         report.problems.append(f"ledger rows for uncommitted units: {orphans[:3]}")
     return report

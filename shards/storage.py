@@ -8,6 +8,9 @@ The S3 endpoint comes from the recipe's ``storage`` block or ``AWS_ENDPOINT_URL`
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import email.utils
+import hashlib
 import io
 import os
 import uuid
@@ -78,6 +81,27 @@ def size(path: str) -> int:
     return int(fs.size(p))
 
 
+def sizes(directory: str) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly under ``directory`` from one listing (one LIST on S3,
+    instead of a HEAD per file); temporaries of unfinished writes are left out."""
+    if not is_remote(directory):
+        if not os.path.isdir(directory):
+            return {}
+        with os.scandir(directory) as it:
+            return {e.name: e.stat().st_size for e in it if e.is_file() and not e.name.startswith(TMP)}
+    fs, p = filesystem(directory)
+    try:
+        entries = fs.ls(p, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") != "directory" and not name.startswith(TMP):
+            out[name] = int(e.get("size") or 0)
+    return out
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
@@ -136,3 +160,114 @@ def remove_stale_temporaries(directory: str) -> int:
             os.unlink(os.path.join(directory, name))
             n += 1
     return n
+
+
+# ------------------------------------------------------------ conditional writes (the run lock)
+
+
+class Conflict(FileExistsError):
+    """A conditional write found another version of the object than the one it named."""
+
+
+def _s3_split(path: str) -> tuple[Any, str, str] | None:
+    """``(s3fs, bucket, key)`` for an S3 path, None for other stores."""
+    if not path.startswith(("s3://", "s3a://")):
+        return None
+    fs, p = filesystem(path)
+    bucket, _, key = p.partition("/")
+    return fs, bucket, key
+
+
+def _is_precondition_failure(e: BaseException) -> bool:
+    if isinstance(e, FileExistsError):
+        return True
+    response = getattr(e.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def put_conditional(path: str, data: bytes, if_match: str | None = None) -> str:
+    """Write ``data`` only when no object is at ``path`` (``if_match`` None) or when the object there
+    is still version ``if_match``; returns the new version tag. Raises ``Conflict`` otherwise,
+    ``FileNotFoundError`` when ``if_match`` names an object that is gone.
+
+    S3 does this atomically (``If-None-Match: *`` / ``If-Match: etag``). Other remote stores get a
+    check-then-write, which two writers in the same instant can both pass; local files are locked
+    with ``flock`` instead (see ``pipelines.rundir``)."""
+    s3 = _s3_split(path)
+    if s3 is not None:
+        fs, bucket, key = s3
+        cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        try:
+            response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            if _is_precondition_failure(e):
+                raise Conflict(f"{path} changed") from e
+            raise
+        finally:
+            fs.invalidate_cache(f"{bucket}/{key}")
+        return str(response["ETag"])
+    try:
+        current: str | None = read_versioned(path)[1]
+    except FileNotFoundError:
+        current = None
+    if if_match is not None and current is None:
+        raise FileNotFoundError(path)
+    if current != if_match:
+        raise Conflict(f"{path} changed")
+    write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(path: str) -> tuple[bytes, str, float | None]:
+    """``(data, version tag, age in seconds)`` of an object; the age is measured on the store's own
+    clock (S3: response ``Date`` minus ``LastModified``), so clocks of different hosts never matter.
+
+    On S3 the tag comes from the same HEAD as the age; the body is a second GET, so a caller that
+    acts on the object conditions its write on the tag (``put_conditional``), never on the body."""
+    s3 = _s3_split(path)
+    if s3 is not None:
+        fs, bucket, key = s3
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+        age = None
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if date and head.get("LastModified") is not None:
+            age = (email.utils.parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
+        return fs.cat_file(f"{bucket}/{key}"), str(head["ETag"]), age
+    fs, p = filesystem(path)
+    data = read_bytes(path)
+    try:
+        modified = fs.modified(p)
+    except (NotImplementedError, OSError, AttributeError):
+        return data, hashlib.sha256(data).hexdigest(), None
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=dt.timezone.utc)
+    return data, hashlib.sha256(data).hexdigest(), (dt.datetime.now(dt.timezone.utc) - modified).total_seconds()
+
+
+def remove_conditional(path: str, if_match: str) -> bool:
+    """Delete the object only while it is still version ``if_match``; False when it is not (or gone).
+
+    Stores without conditional deletes get a check-then-delete."""
+    s3 = _s3_split(path)
+    if s3 is not None:
+        fs, bucket, key = s3
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=if_match)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _is_precondition_failure(e):
+                return False
+            # a store that does not know conditional deletes: check, then delete
+        finally:
+            fs.invalidate_cache(f"{bucket}/{key}")
+    try:
+        if read_versioned(path)[1] != if_match:
+            return False
+    except FileNotFoundError:
+        return False
+    remove(path)
+    return True

@@ -144,7 +144,13 @@ def apply_unit(run_root: str, unit: str, shards: list[ShardInput], drops: dict, 
 
 
 def apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
-    """One Ray task per unit with duplicates; then stale files go and the manifests are rebuilt."""
+    """Under the run's lock (an ``omni run`` on it at the same time would delete our files, and we
+    its): one Ray task per unit with duplicates; then stale files go and the manifests are rebuilt."""
+    with RunDir(inputs.root).lock():
+        return _apply_to_run(inputs, work, job_id)
+
+
+def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
     import ray
 
     run = RunDir(inputs.root)
