@@ -50,7 +50,7 @@ def _run(stages: list, args: argparse.Namespace) -> int:
     for stage in stages:  # a missing manifest or an empty kind filter fails here, before any rank starts
         for entry in stage.mixture:
             try:
-                resolve_entry(entry)
+                resolve_entry(entry, stage.allow_uris, stage.verify_shards)
             except (ValueError, KeyError) as e:
                 raise _user_error(f"stage {stage.stage}: {e}") from e
     return launch(stages, args.overrides, args.nproc, args.hostfile, args.master_addr, args.master_port)

@@ -7,6 +7,13 @@ slot ``k`` belongs to stream ``k mod W``, where the W streams are every (rank, l
 two streams ever read the same slot, and a tiny set still feeds every stream (in alternate epochs).
 Shards are read with webdataset's tar iterators and decoded by ``shards.codec.decode_sample``.
 
+Shards are checked against their manifest entry before a byte is parsed (``verify_shards``): ``size``
+is one stat; ``sha256`` (the default) reads the shard once while hashing, into the page cache for a
+local file or into an unlinked temporary file for a remote one, and parses only after the digest
+matched, so a flipped byte is never trained on. A damaged or unreadable shard is skipped with one
+WARNING line naming it and counted in the skip counters. Segment ``uri`` reads are confined to the
+stage's ``allow_uris`` plus the ``allow_uris`` the shard-set manifests carry (the recipe's).
+
 A stream draws an entry by weight (a PCG64 generator), builds the sample's sequence
 (``trainer.sequence``) and packs greedily into ``seq_len``. The data position — every entry's slot
 and offset and the generator state — is snapshotted before each draw; a pack carries the snapshot
@@ -16,14 +23,17 @@ first, so the packing buffer needs no storage and a resumed run sees exactly the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
 import os
 import tarfile
+import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -31,15 +41,82 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import storage
 from shards.codec import DecodeError, decode_sample
+from shards.confine import UriPolicy
 from shards.manifest import read_shardset_manifest
+from shards.verify import shard_damage
 from trainer.sequence import IGNORE, Example, SkipSample, build_example
 
 log = logging.getLogger(__name__)
+VERIFY_MODES = ("sha256", "size", "none")
+WARN_ONCE_REASONS = ("uri not allowed", "uri unreadable")  # per-sample skips worth one log line per stream
+_warned_shards: set[tuple[str, str, str]] = set()  # (reader, shard, problem): one line each per process
+
+
+class ShardDamaged(Exception):
+    """A shard that does not match its manifest entry; ``kind`` keys the skip counter, ``detail`` the log."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def _damage_kind(reason: str) -> str:
+    for prefix, kind in (("size", "size mismatch"), ("sha256", "sha256 mismatch"), ("missing", "missing")):
+        if reason.startswith(prefix):
+            return kind
+    return "unreadable"
+
+
+def _warn_shard(url: str, message: str, reader: str = "loader") -> None:
+    """Log ``message`` once per reader, shard and problem (its first word), whatever the epoch."""
+    key = (reader, url, message.split(" ", 1)[0])
+    if key not in _warned_shards:
+        _warned_shards.add(key)
+        log.warning("%s", message)
+
+
+@contextlib.contextmanager
+def open_shard(url: str, expected: Mapping[str, Any] | None, verify: str = "sha256") -> Iterator[IO[bytes]]:
+    """The shard's bytes, open at 0, after they matched ``expected`` (a manifest entry) as ``verify`` asks.
+
+    ``sha256`` hashes the same handle that is then parsed (local) or a copy made while hashing into an
+    unlinked temporary file under ``$TMPDIR`` (remote), so the bytes parsed are the bytes hashed.
+    Raises ``ShardDamaged``."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify_shards must be one of {VERIFY_MODES}, not {verify!r}")
+    if expected is None or verify == "none":
+        with storage.open_read(url) as f:
+            yield f
+        return
+    reason = shard_damage(url, expected)  # one stat: catches truncation before any read
+    if reason:
+        raise ShardDamaged(_damage_kind(reason), reason)
+    want = expected.get("sha256")
+    if verify == "size" or not want:
+        with storage.open_read(url) as f:
+            yield f
+        return
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(storage.open_read(url))
+        spool = src if not storage.is_remote(url) else stack.enter_context(tempfile.TemporaryFile())
+        h = hashlib.sha256()
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            if spool is not src:
+                spool.write(chunk)
+        if h.hexdigest() != want:
+            raise ShardDamaged("sha256 mismatch", f"sha256 {h.hexdigest()[:16]}…, manifest says {want[:16]}…")
+        spool.seek(0)
+        yield spool
 
 
 @dataclass
 class MixtureEntry:
-    """One weighted source of a stage's mixture, resolved to shard URLs."""
+    """One weighted source of a stage's mixture, resolved to shard URLs.
+
+    ``expected`` holds each shard's manifest entry (``bytes``, ``sha256``), parallel to ``shards``;
+    None (a hand-made entry) skips verification. ``allow_uris``: where segment uris may point."""
 
     name: str
     shards: list[str]
@@ -47,37 +124,79 @@ class MixtureEntry:
     kinds: list[str] | None = None
     format: str | None = None
     samples: int = 0
+    expected: list[dict[str, Any]] | None = None
+    allow_uris: list[str] = field(default_factory=list)
+    verify: str = "sha256"
 
 
-def resolve_entry(spec: dict[str, Any]) -> MixtureEntry:
-    """Read the entry's manifests; keep shards that hold any wanted kind."""
+def manifest_shards(manifest: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(shard url, its manifest entry) pairs of a shard-set manifest, and the ``allow_uris`` it carries.
+
+    A shard path must stay in the manifest's folder: a manifest is data, not a way to name any file."""
+    directory = manifest.rsplit("/", 1)[0] if manifest.endswith(".json") else manifest
+    doc = read_shardset_manifest(manifest)
+    out = []
+    for shard in doc["shards"]:
+        path = shard.get("path")
+        if not isinstance(path, str) or not path or path.startswith("/") or "://" in path or ".." in path.split("/"):
+            raise ValueError(f"shard-set manifest {manifest}: shard path {str(path)[:200]!r} leaves its folder")
+        out.append((storage.join(directory, path), shard))
+    allow = doc.get("allow_uris") or []
+    if not isinstance(allow, list) or not all(isinstance(u, str) for u in allow):
+        raise ValueError(f"shard-set manifest {manifest}: allow_uris is not a list of strings")
+    return out, list(allow)
+
+
+def resolve_entry(
+    spec: dict[str, Any], allow_uris: list[str] | tuple[str, ...] = (), verify: str = "sha256"
+) -> MixtureEntry:
+    """Read the entry's manifests; keep shards that hold any wanted kind.
+
+    Segment uris are allowed under ``allow_uris`` (the stage's) plus every manifest's ``allow_uris``."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify_shards must be one of {VERIFY_MODES}, not {verify!r}")
     manifests = spec.get("manifests") or [spec["manifest"]]
     kinds = list(spec["kinds"]) if spec.get("kinds") else None
     urls: list[str] = []
+    expected: list[dict[str, Any]] = []
+    allowed = list(allow_uris)
     samples = 0
     for m in manifests:
-        directory = m.rsplit("/", 1)[0] if m.endswith(".json") else m
         try:
-            doc = read_shardset_manifest(m)
+            pairs, manifest_allow = manifest_shards(m)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"mixture entry {spec.get('name')!r}: no shard-set manifest at {m}") from e
-        for shard in doc["shards"]:
+        allowed += manifest_allow
+        for url, shard in pairs:
             n = sum(shard.get("kinds", {}).get(k, 0) for k in kinds) if kinds else shard["samples"]
             if n:
-                urls.append(storage.join(directory, shard["path"]))
+                urls.append(url)
+                expected.append({"bytes": shard.get("bytes"), "sha256": shard.get("sha256")})
                 samples += n
     if not urls:
         raise ValueError(f"mixture entry {spec.get('name')!r}: no shard in {manifests} holds kinds {kinds}")
     return MixtureEntry(
-        spec.get("name", manifests[0]), urls, float(spec.get("weight", 1.0)), kinds, spec.get("format"), samples
+        spec.get("name", manifests[0]),
+        urls,
+        float(spec.get("weight", 1.0)),
+        kinds,
+        spec.get("format"),
+        samples,
+        expected,
+        sorted(set(allowed)),
+        verify,
     )
 
 
-def _tar_samples(url: str, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of one shard via webdataset's tar iterators, after skipping ``skip`` samples."""
+def _tar_samples(
+    url: str, skip: int, expected: Mapping[str, Any] | None = None, verify: str = "none"
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of one shard via webdataset's tar iterators, after skipping ``skip`` samples.
+
+    The shard is verified against ``expected`` first (``open_shard``); raises ``ShardDamaged``."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    with storage.open_read(url) as f:
+    with open_shard(url, expected, verify) as f:
         files = ({**item, "__url__": url} for item in tar_file_iterator(f))
         for i, sample in enumerate(group_by_keys(files)):
             if i < skip:
@@ -94,31 +213,46 @@ class EntryStream:
         self.streams = streams
         self.slot, self.offset = position if position is not None else (stream, 0)
         self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
+        self._url = ""
         self._empty_slots = 0
 
     @property
     def position(self) -> tuple[int, int]:
         return self.slot, self.offset
 
-    def _shard(self, slot: int) -> str:
+    def _shard_index(self, slot: int) -> int:
         n = len(self.entry.shards)
         epoch, i = divmod(slot, n)
         order = np.random.default_rng([self.seed, self.index, epoch]).permutation(n)
-        return self.entry.shards[int(order[i])]
+        return int(order[i])
+
+    def _shard(self, slot: int) -> str:
+        return self.entry.shards[self._shard_index(slot)]
 
     def next_sample(self) -> dict[str, Any]:
-        """The next sample of a wanted kind; undecodable ones are skipped (they are counted by the caller)."""
+        """The next sample of a wanted kind; undecodable samples and damaged shards are skipped (counted by
+        the caller; a damaged shard is also logged once)."""
         while True:
             if self._it is None:
-                self._it = _tar_samples(self._shard(self.slot), self.offset)
+                i = self._shard_index(self.slot)
+                expected = self.entry.expected[i] if self.entry.expected is not None else None
+                self._url = self.entry.shards[i]
+                self._it = _tar_samples(self._url, self.offset, expected, self.entry.verify)
             try:
                 key, members = next(self._it)
             except StopIteration:
                 self._next_slot()
                 continue
-            except (tarfile.TarError, OSError, ValueError) as e:  # a truncated or unreadable shard ends early
+            except ShardDamaged as e:
+                url = self._url
                 self._next_slot()
-                raise SkipSample(f"unreadable shard: {type(e).__name__}") from e
+                _warn_shard(url, f"damaged shard {url}: {e.detail}; skipped, not trained on")
+                raise SkipSample(f"damaged shard: {e.kind}", e.detail) from e
+            except (tarfile.TarError, OSError, ValueError) as e:  # a truncated or unreadable shard ends early
+                url = self._url
+                self._next_slot()
+                _warn_shard(url, f"unreadable shard {url}: {type(e).__name__}: {str(e)[:200]}; the rest is skipped")
+                raise SkipSample(f"unreadable shard: {type(e).__name__}", str(e)[:200]) from e
             self.offset += 1
             try:
                 row = decode_sample(key, members)
@@ -134,7 +268,10 @@ class EntryStream:
         self.slot, self.offset = self.slot + self.streams, 0
         self._empty_slots += 1
         if self._empty_slots > 2 * len(self.entry.shards) + self.streams:
-            raise RuntimeError(f"mixture entry {self.entry.name!r} yields no samples")
+            raise RuntimeError(
+                f"mixture entry {self.entry.name!r} yields no samples (its shards are empty of wanted kinds, "
+                "or damaged: see the warnings above)"
+            )
 
     def close(self) -> None:
         if self._it is not None:
@@ -210,6 +347,8 @@ class PackedStream(IterableDataset):
         if state:
             rng.bit_generator.state = state["rng"]
         skipped: Counter = Counter(state["skipped"] if state else {})
+        warned: set[str] = set()
+        policies = [UriPolicy(e.allow_uris) for e in self.entries]
 
         cumulative = np.cumsum(self.weights)
 
@@ -227,14 +366,25 @@ class PackedStream(IterableDataset):
             while True:
                 pick = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(sources) - 1)
                 src = sources[pick]
+                sample = None
                 try:
                     sample = src.next_sample()
-                    ex = build_example(sample, src.entry.format, tokenizer, sp, media).truncated(self.seq_len)
+                    ex = build_example(sample, src.entry.format, tokenizer, sp, media, policies[pick])
+                    ex = ex.truncated(self.seq_len)
                     if not ex.learns_something():
                         raise SkipSample("nothing to learn within seq_len")
                     return ex
                 except SkipSample as e:
                     skipped[str(e)] += 1
+                    if str(e) in WARN_ONCE_REASONS and str(e) not in warned:
+                        warned.add(str(e))
+                        log.warning(
+                            "mixture entry %r: sample %s skipped: %s (%s); later ones are only counted",
+                            src.entry.name,
+                            sample["id"] if sample else "?",
+                            e,
+                            getattr(e, "detail", ""),
+                        )
 
         pack = Pack()
         try:
@@ -371,23 +521,31 @@ class DataPosition:
         return cls(d["world"], d["num_workers"], d["microbatches"], {int(k): v for k, v in d["workers"].items()})
 
 
-def corpus_texts(manifests: list[str], limit: int = 100_000) -> Iterator[str]:
-    """Text segments of the shard sets (to train the tiny tokenizer), then the formats' fixed prompts."""
-    from shards.manifest import shard_urls
+def corpus_texts(manifests: list[str], limit: int = 100_000, verify: str = "sha256") -> Iterator[str]:
+    """Text segments of the shard sets (to train the tiny tokenizer), then the formats' fixed prompts.
+
+    Shards are verified like the loader's; a damaged or unreadable one is skipped with a warning
+    (the tokenizer pre-pass must not be the thing that stops a run)."""
     from trainer.sequence import FORMATS
 
     n = 0
     for m in manifests:
-        for url in shard_urls(m):
-            for key, members in _tar_samples(url, 0):
-                try:
-                    row = decode_sample(key, members)
-                except DecodeError:
-                    continue
-                for seg in row["segments"]:
-                    if seg["modality"] == "text" and seg.get("text"):
-                        yield seg["text"]
-                        n += 1
-                        if n >= limit:
-                            return
+        for url, entry in manifest_shards(m)[0]:
+            try:
+                for key, members in _tar_samples(url, 0, entry, verify):
+                    try:
+                        row = decode_sample(key, members)
+                    except DecodeError:
+                        continue
+                    for seg in row["segments"]:
+                        if seg["modality"] == "text" and seg.get("text"):
+                            yield seg["text"]
+                            n += 1
+                            if n >= limit:
+                                return
+            except ShardDamaged as e:
+                _warn_shard(url, f"damaged shard {url}: {e.detail}; skipped by the tokenizer pre-pass", "tokenizer")
+            except (tarfile.TarError, OSError, ValueError) as e:
+                detail = f"{type(e).__name__}: {str(e)[:200]}"
+                _warn_shard(url, f"unreadable shard {url}: {detail}; the rest is skipped", "tokenizer")
     yield from (f.prompt for f in FORMATS.values() if f.prompt)

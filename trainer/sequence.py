@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards import storage
+from shards.confine import Confined, UriPolicy, confine_local
 from synth.media import MediaError
 from trainer.media import AudioClip, ImageInput, MediaProcessor
 from trainer.model import TAGS
@@ -24,7 +25,14 @@ IGNORE = -100
 
 
 class SkipSample(ValueError):
-    """A sample that yields no training sequence; the message is the reason counted in the loader stats."""
+    """A sample that yields no training sequence; the message is the reason counted in the loader stats.
+
+    ``detail`` (which uri, which shard) is for the log line only: counters stay keyed by few reasons."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -126,18 +134,37 @@ class Example:
         )
 
 
-def _media_bytes(seg: dict[str, Any]) -> bytes:
+def _media_bytes(seg: dict[str, Any], uris: UriPolicy | None) -> bytes:
+    """Inline bytes, or what the segment's ``uri`` names when ``uris`` allows it (a shard is data, not a
+    licence to read ``/etc/passwd`` or to fetch an internal URL); no policy allows no uri."""
     if seg.get("bytes") is not None:
         return bytes(seg["bytes"])
-    if seg.get("uri"):
-        return storage.read_bytes(seg["uri"])
+    uri = seg.get("uri")
+    if uri:
+        if uris is None:
+            raise SkipSample("uri not allowed", f"{str(uri)[:200]} (no allowed prefixes)")
+        try:
+            target = confine_local(uri, uris, "path outside allowed roots")
+        except Confined as e:  # outside the roots, or a fifo / device that would block or never end
+            raise SkipSample("uri not allowed", f"{e.reason}: {e.detail}") from e
+        try:
+            return storage.read_bytes(target)  # the normalised form that was checked, not the raw string
+        except (OSError, ValueError) as e:
+            raise SkipSample("uri unreadable", f"{target[:200]}: {type(e).__name__}") from e
     raise SkipSample(f"{seg['modality']} segment without bytes or uri")
 
 
 def build_example(
-    sample: dict[str, Any], fmt_name: str | None, tokenizer: Any, sp: SpecialIds, media: MediaProcessor
+    sample: dict[str, Any],
+    fmt_name: str | None,
+    tokenizer: Any,
+    sp: SpecialIds,
+    media: MediaProcessor,
+    uris: UriPolicy | None = None,
 ) -> Example:
-    """The training sequence of one decoded Sample row; raises SkipSample with a reason."""
+    """The training sequence of one decoded Sample row; raises SkipSample with a reason.
+
+    Segments given by ``uri`` are read only under the prefixes ``uris`` allows."""
     name = fmt_name or FORMAT_OF_KIND.get(sample["kind"])
     if name is None:
         raise SkipSample(f"no training format for kind {sample['kind']}")
@@ -160,11 +187,11 @@ def build_example(
                 ex._put(encode(text, add_special_tokens=False), trainable)
                 texts_seen += 1
             elif modality == "image":
-                ex.add_image(media.image(_media_bytes(seg)), sp)
+                ex.add_image(media.image(_media_bytes(seg, uris)), sp)
             elif modality == "audio":
-                ex.add_audio(media.audio_clip(_media_bytes(seg), generate=fmt.audio == "generate"), sp)
+                ex.add_audio(media.audio_clip(_media_bytes(seg, uris), generate=fmt.audio == "generate"), sp)
             elif modality == "video":
-                data = _media_bytes(seg)
+                data = _media_bytes(seg, uris)
                 start = len(ex.ids)
                 ex._put([sp.video_start], False)
                 for frame in media.video(data):

@@ -4,6 +4,12 @@ A stage names trainable modules by the released code's names (PAPER.md §8) or b
 aliases; everything else is frozen. Learning rates map module prefixes (or aliases) to values with a
 ``default``. ``init_from`` is the previous stage's id: its exported weights start this stage.
 Strings may use ``${VAR}`` or ``${VAR:-default}``; ``--set a.b=value`` overrides any field (YAML value).
+
+Trust (both optional): ``allow_uris`` lists URI prefixes (``s3://bucket/media/``, a local folder) a
+segment's ``uri`` may name, on top of the ``allow_uris`` each shard-set manifest carries from its
+recipe; any other uri skips the sample ("uri not allowed"), so a shard cannot make the trainer read
+local files or fetch URLs. ``verify_shards`` is ``sha256`` (default: every shard is hashed against its
+manifest before it is parsed), ``size`` (one stat per shard) or ``none``.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ class StageConfig:
     seed: int = 1234
     save_every: int = 500
     log_every: int = 10
+    allow_uris: list[str] = field(default_factory=list)  # segment uri prefixes, besides the manifests' own
+    verify_shards: str = "sha256"  # sha256 | size | none: what a shard must match in its manifest entry
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -168,6 +176,12 @@ def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
     kwargs.setdefault("deepspeed", "zero2")
     kwargs["lr"] = lr
     kwargs["budget"] = {k: float(v) for k, v in budget.items()}
+    allow = doc.get("allow_uris") or []
+    if not isinstance(allow, list) or not all(isinstance(u, str) and u for u in allow):
+        raise StageError(f"{path}: allow_uris must be a list of URI prefixes")
+    kwargs["allow_uris"] = list(allow)
+    if kwargs.get("verify_shards", "sha256") not in ("sha256", "size", "none"):
+        raise StageError(f"{path}: verify_shards must be sha256, size or none, not {kwargs['verify_shards']!r}")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     if kwargs.get("init_from") is not None:

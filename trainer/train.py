@@ -130,7 +130,7 @@ class StageRun:
             self.step, self.tokens, self.samples = client["step"], client["tokens"], client["samples"]
             data_state = json.loads((self.ckpt_dir / tag / f"data_rank{self.rank:05d}.json").read_text())
             _rank_print(f"stage {stage.stage}: resumed at step {self.step} from {self.ckpt_dir / tag}")
-        entries = [resolve_entry(e) for e in stage.mixture]
+        entries = [resolve_entry(e, stage.allow_uris, stage.verify_shards) for e in stage.mixture]
         self.position = (
             DataPosition.from_dict(data_state) if data_state else DataPosition(self.world, stage.num_workers)
         )
@@ -293,12 +293,35 @@ class StageRun:
             self.writer.close()
 
 
+def no_cpu_op_builds() -> None:
+    """On CPU, skip DeepSpeed's JIT build of ``deepspeed_shm_comm`` (a shared-memory all-reduce that only
+    ``inference_all_reduce`` uses; training all-reduces over gloo). The build took ~30 s per fresh
+    machine, and a rank killed during it left a lock that made every later run wait forever.
+
+    DeepSpeed builds the op at ``init_distributed`` only when its cached compatibility table says it
+    can; the table is a module attribute that keeps edits, so marking the op incompatible skips it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    try:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    except AttributeError:  # another DeepSpeed: the launcher's lock sweep and the bounded wait still apply
+        log.warning("cannot skip DeepSpeed's %s build on this version; it may JIT-compile", builder.NAME)
+
+
 def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str) -> None:
     import deepspeed
 
     from trainer.stages import load_stage
 
     backend = "gloo" if deepspeed.get_accelerator().device_name() == "cpu" else None
+    no_cpu_op_builds()
     deepspeed.init_distributed(dist_backend=backend)
     for path in stage_paths:
         stage = load_stage(path, overrides)
@@ -332,9 +355,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     import torch.distributed as dist
 
+    from trainer.launch import BuildLockTimeout, bound_build_waits
+
+    bound_build_waits()
     code = 0
     try:
         run_stages(args.stage, args.overrides, args.tokenizer)
+    except BuildLockTimeout as e:
+        print(f"omni: error: {e}", file=sys.stderr, flush=True)
+        code = 1
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()
