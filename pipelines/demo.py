@@ -39,8 +39,12 @@ def synth_steps(coca_config: str, coca_checkpoint: str) -> list[dict]:
         {"op": "probe"},
         {"op": "keyframes", "params": {"max_frames": 8}},
         {"op": "transcribe", "params": {"batch_size": 8}},
-        # a tiny random CoCa (no weights are downloadable): real code path, gibberish captions
-        {"op": "caption", "params": {"config": coca_config, "checkpoint": coca_checkpoint, "generation_type": "top_k"}},
+        # a tiny random CoCa (no weights are downloadable): real code path, gibberish captions; top-k
+        # sampling is seeded per image (sample id and segment), so the captions repeat in every run
+        {
+            "op": "caption",
+            "params": {"config": coca_config, "checkpoint": coca_checkpoint, "generation_type": "top_k", "top_k": 5},
+        },
         {"op": "build_video_audio_text"},
         {"op": "build_asr", "params": {"max_ref_wer": 0.5}},
         {"op": "build_image_audio_text", "params": {"share": 0.3}},

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import random
 import subprocess
 import tarfile
 from pathlib import Path
@@ -97,7 +98,8 @@ def espeak(text: str, lang: str, path: Path) -> Path:
 
 
 def slideshow(images: list[Path], audio: Path | None, out: Path, seconds_per_image: float = 1.0) -> Path:
-    """An H.264 MP4 of the images (1 per ``seconds_per_image``), narrated by ``audio`` if given."""
+    """An H.264 MP4 of the images (1 per ``seconds_per_image``), narrated by ``audio`` if given;
+    the same bytes on every machine, so the demo's sample ids are too."""
     cmd = ["ffmpeg", "-y", "-v", "error"]
     for img in images:
         cmd += ["-loop", "1", "-t", str(seconds_per_image), "-i", str(img)]
@@ -108,7 +110,10 @@ def slideshow(images: list[Path], audio: Path | None, out: Path, seconds_per_ima
     cmd += ["-filter_complex", chains + concat, "-map", "[v]"]
     if audio is not None:
         cmd += ["-map", f"{len(images)}:a", "-c:a", "aac", "-shortest"]
-    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", str(out)]
+    # bit-exact and one encoder thread: x264's output (and the options it writes into the stream)
+    # depends on its thread count, which defaults to 1.5x the machine's cores
+    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", "-threads", "1"]
+    cmd += ["-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact", str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
 
@@ -160,7 +165,7 @@ def build_demo_sources(root: str | os.PathLike) -> dict[str, str]:
     (media / "truncated.jpg").write_bytes(photo_bytes("rocket")[:2000])
     (media / "not-utf8.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (media / "empty.wav").write_bytes(b"")
-    (media / "garbage.mp4").write_bytes(os.urandom(4096))
+    (media / "garbage.mp4").write_bytes(random.Random("garbage.mp4").randbytes(4096))  # noise, the same every build
     # multilingual text and one interleaved document (JSONL, with a broken line)
     lines = [json.dumps({"text": t, "lang": lang}, ensure_ascii=False) for lang, t in MULTILINGUAL]
     lines.append(

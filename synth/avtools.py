@@ -1,7 +1,9 @@
 """ffmpeg work the content-creating operators share: batched audio decode, audio-track extraction,
 timed keyframes of one clip, clip ranges for long videos, and WAV/FLAC encoding.
 
-Every ffmpeg call runs under a timeout (``MediaError`` on expiry), as in ``synth.media``.
+Every ffmpeg call runs under a timeout (``MediaError`` on expiry), as in ``synth.media``. Every
+output that ends up in a shard is bit-exact (``BITEXACT``: no random Matroska UIDs, no library
+version strings; swscale's exact C path for frames), so two runs write the same bytes.
 ffmpeg's start-up costs ~0.15 s here, as much as whisper tiny needs for a short prompt, so audio is
 decoded many files per process; a batch that fails is retried file by file to find the bad one.
 """
@@ -19,10 +21,23 @@ from collections.abc import Iterator, Sequence
 import ffmpeg
 import numpy as np
 
-from synth.media import _TMP_DIR, DEFAULT_TIMEOUT_S, MediaError, decode_audio, fit_pixels, probe_file, summarize_probe
+from synth.media import (
+    _TMP_DIR,
+    DEFAULT_TIMEOUT_S,
+    SCALE_FLAGS,
+    MediaError,
+    decode_audio,
+    fit_pixels,
+    probe_file,
+    summarize_probe,
+    tool_error,
+)
 
 ASR_SAMPLE_RATE = 16_000
 MAX_INPUTS_PER_PROCESS = 32
+# Output options for every file ffmpeg writes into a shard: muxers write no random ids (Matroska's
+# segment and track UIDs), no creation time and no library version ("Lavf59.27.100" becomes "Lavf").
+BITEXACT = ["-fflags", "+bitexact", "-flags:a", "+bitexact", "-flags:v", "+bitexact"]
 
 
 @contextlib.contextmanager
@@ -37,7 +52,7 @@ def _run(cmd: list[str], timeout_s: float, what: str = "media decode") -> subpro
     except subprocess.TimeoutExpired as e:
         raise MediaError(f"{what} timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("undecodable media", tool_error(proc.stderr))
     return proc
 
 
@@ -82,12 +97,15 @@ def _decode_one(data: bytes, sample_rate: int, timeout_s: float) -> np.ndarray |
 
 
 def extract_audio_track(data: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
-    """A video's first audio track, stream-copied (not re-encoded) into a Matroska audio file."""
+    """A video's first audio track, stream-copied (not re-encoded) into a Matroska audio file.
+
+    Bit-exact: without it the muxer draws random segment and track UIDs and every run differs."""
     with _scratch_dir() as d:
         src, dst = os.path.join(d, "in"), os.path.join(d, "audio.mka")
         with open(src, "wb") as f:
             f.write(data)
-        _run(["ffmpeg", "-nostdin", "-y", "-v", "error", "-i", src, "-map", "0:a:0", "-c:a", "copy", dst], timeout_s)
+        cmd = ["ffmpeg", "-nostdin", "-y", "-v", "error", "-i", src, "-map", "0:a:0", "-c:a", "copy", *BITEXACT, dst]
+        _run(cmd, timeout_s)
         with open(dst, "rb") as f:
             return f.read()
 
@@ -131,9 +149,9 @@ def clip_frames(
             seek["t"] = max(end - start, 1.0 / fps)
         span = (end if end is not None else info.get("duration", 1)) - start
         stream = (
-            ffmpeg.input(path, **seek)
+            ffmpeg.input(path, flags="+bitexact", **seek)  # decoders' exact IDCTs (MPEG-4, MJPEG)
             .filter("fps", fps=fps, start_time=0, round="up" if span * fps < 0.5 else "near")
-            .filter("scale", width, height)
+            .filter("scale", width, height, flags=SCALE_FLAGS)
             .output("-", format="rawvideo", pix_fmt="rgb24")
             .global_args("-nostdin", "-v", "error")
         )
@@ -161,9 +179,9 @@ def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
 
 
 def flac_bytes(samples: np.ndarray, sample_rate: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
-    """Mono float32 → 16-bit FLAC (lossless, about half a WAV)."""
+    """Mono float32 → 16-bit FLAC (lossless, about half a WAV); bit-exact, so no ffmpeg version in it."""
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-f", "f32le", "-ac", "1", "-ar", str(sample_rate), "-i", "-"]
-    cmd += ["-sample_fmt", "s16", "-f", "flac", "-"]
+    cmd += ["-sample_fmt", "s16", *BITEXACT, "-f", "flac", "-"]
     try:
         proc = subprocess.run(
             cmd, input=np.ascontiguousarray(samples, "<f4").tobytes(), capture_output=True, timeout=timeout_s
@@ -171,5 +189,5 @@ def flac_bytes(samples: np.ndarray, sample_rate: int, timeout_s: float = DEFAULT
     except subprocess.TimeoutExpired as e:
         raise MediaError("media encode timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("audio encode failed", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("audio encode failed", tool_error(proc.stderr))
     return proc.stdout

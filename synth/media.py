@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,12 +22,33 @@ from shards.tokens import fit_pixels, video_frame_count  # noqa: F401 - the fram
 
 DEFAULT_TIMEOUT_S = 30.0
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+# Names ``tempfile`` makes (``tmp`` + 8 random characters) under the directories it uses here.
+_TMP_NAME = re.compile(
+    "(?:" + "|".join(re.escape(d.rstrip("/")) for d in sorted({"/dev/shm", tempfile.gettempdir()})) + ")"
+    r"/tmp[a-z0-9_]{8}"
+)
+# swscale flags for every frame we take from a video: the C code path, so frames (and the keyframe
+# JPEGs written from them) are the same bytes on every CPU, not only on this one.
+SCALE_FLAGS = "bicubic+accurate_rnd+bitexact"
+
+
+def scrub_tmp_paths(text: str) -> str:
+    """``text`` with temporary file names replaced by ``<tmp>``: ffmpeg quotes its input path in
+    errors, and a random name in a reject detail would make two runs write different ledgers."""
+    return _TMP_NAME.sub("<tmp>", text)
+
+
+def tool_error(stderr: bytes, limit: int = 300) -> str:
+    """The tail of a tool's stderr for a reject detail, scrubbed before it is cut (a cut name cannot be)."""
+    return scrub_tmp_paths(stderr.decode("utf-8", "replace").strip())[-limit:]
 
 
 class MediaError(ValueError):
-    """Media that cannot be used; ``reason`` is the short reject reason."""
+    """Media that cannot be used; ``reason`` is the short reject reason, ``detail`` goes to the ledger
+    (with temporary file names scrubbed, so it is the same in every run)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        detail = scrub_tmp_paths(detail)
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -52,7 +74,7 @@ def probe_file(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any
     except subprocess.TimeoutExpired as e:
         raise MediaError("media probe timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("unreadable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("unreadable media", tool_error(proc.stderr))
     try:
         return json.loads(proc.stdout.decode("utf-8", "replace"))
     except json.JSONDecodeError as e:
@@ -89,7 +111,7 @@ def decode_check(path: str, args: dict[str, Any], timeout_s: float = DEFAULT_TIM
     except subprocess.TimeoutExpired as e:
         raise MediaError("media decode timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("undecodable media", tool_error(proc.stderr))
 
 
 def check_audio(data: bytes, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
@@ -127,7 +149,7 @@ def decode_audio(data: bytes, sample_rate: int = 16_000, timeout_s: float = DEFA
         except subprocess.TimeoutExpired as e:
             raise MediaError("media decode timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("undecodable media", tool_error(proc.stderr))
     return np.frombuffer(proc.stdout, dtype=np.float32).copy()
 
 
@@ -147,9 +169,9 @@ def sample_frames(
             raise MediaError("no video stream", str(info.get("container")))
         width, height = fit_pixels(int(info["width"]), int(info["height"]), max_pixels)
         stream = (
-            ffmpeg.input(path)
+            ffmpeg.input(path, flags="+bitexact")
             .filter("fps", fps=fps, start_time=0, round="up" if info.get("duration", 1) * fps < 0.5 else "near")
-            .filter("scale", width, height)
+            .filter("scale", width, height, flags=SCALE_FLAGS)
             .output("-", format="rawvideo", pix_fmt="rgb24")
             .global_args("-v", "error")
         )
@@ -158,7 +180,7 @@ def sample_frames(
         except subprocess.TimeoutExpired as e:
             raise MediaError("media decode timed out", f"{timeout_s}s") from e
     if proc.returncode != 0:
-        raise MediaError("undecodable media", proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        raise MediaError("undecodable media", tool_error(proc.stderr))
     frames = np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
         raise MediaError("no frames decoded", "video shorter than its first frame interval")

