@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from collections import Counter, defaultdict
 from typing import Any
@@ -17,13 +18,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
-from pipelines.rundir import RunDir  # noqa: E402
+from pipelines.rundir import LEDGER_SCHEMA, RunDir  # noqa: E402
 from pipelines.stats import collect, token_sums  # noqa: E402
 from shards import storage  # noqa: E402
-from shards.manifest import shard_urls  # noqa: E402
-from shards.reader import iter_samples  # noqa: E402
+from shards.manifest import read_shardset_manifest  # noqa: E402
 from shards.schema import SAMPLE_SCHEMA, loads_meta  # noqa: E402
+from shards.verify import ShardScan  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _thresholds(run_info: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -37,11 +41,19 @@ def _thresholds(run_info: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def collect_distributions(root: str, max_samples: int) -> dict[str, list[float]]:
+def collect_distributions(root: str, max_samples: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Histogram values from up to ``max_samples`` samples, and the shards left out as damaged
+    (checked against the manifest as they are read, so a truncated shard is a line, not a crash)."""
     dist: dict[str, list[float]] = defaultdict(list)
+    damaged: dict[str, str] = {}
     n = 0
-    for url in shard_urls(storage.join(root, "shards", "manifest.json")):
-        for sample in iter_samples(url):
+    shards_dir = storage.join(root, "shards")
+    for entry in read_shardset_manifest(shards_dir)["shards"]:
+        scan = ShardScan(storage.join(shards_dir, entry["path"]), entry, name=entry["path"])
+        for rec in scan.records():
+            if rec.sample is None:
+                continue
+            sample = rec.sample
             for seg in sample["segments"]:
                 meta = loads_meta(seg["meta"])
                 m = seg["modality"]
@@ -56,8 +68,12 @@ def collect_distributions(root: str, max_samples: int) -> dict[str, list[float]]
                     dist[f"score:{column}"].append(float(value))
             n += 1
             if n >= max_samples:
-                return dist
-    return dist
+                break
+        if scan.damage is not None:
+            damaged[entry["path"]] = scan.damage
+        if n >= max_samples:
+            break
+    return dist, damaged
 
 
 def _bar(path: str, title: str, counts: dict[str, float], ylabel: str) -> None:
@@ -124,13 +140,27 @@ def write_report(root: str, out_dir: str | None = None, max_samples: int = 50_00
         _bar(os.path.join(out_dir, "samples_by_kind.png"), "samples by data type", dict(stats.kinds), "samples")
         sections += ["<h2>Samples (no token counts: add count_tokens)</h2>", '<img src="samples_by_kind.png">']
     thresholds = _thresholds(info)
+    distributions, damaged = collect_distributions(root, max_samples)
+    if damaged:
+        log.warning("%d damaged shards left out of the report (run `omni audit %s`)", len(damaged), root)
+        sections += [
+            "<h2>Damaged shards (left out; `omni run` on the run redoes them)</h2>",
+            _table(["shard", "damage"], [[k, v] for k, v in sorted(damaged.items())]),
+        ]
     sections.append("<h2>Distributions</h2>")
-    for i, (name, values) in enumerate(sorted(collect_distributions(root, max_samples).items())):
+    for i, (name, values) in enumerate(sorted(distributions.items())):
         png = f"hist_{i:02d}.png"
         column = name.removeprefix("score:")
         _hist(os.path.join(out_dir, png), name, values, thresholds.get(column) if name.startswith("score:") else None)
         sections.append(f'<img src="{png}" alt="{html.escape(name)}">')
-    ledger = run.read_ledger()
+    parts, unreadable = run.read_ledger_parts()
+    ledger = pa.concat_tables(parts.values()) if parts else LEDGER_SCHEMA.empty_table()
+    if unreadable:
+        log.warning("%d ledger parts are unreadable and left out of the report", len(unreadable))
+        sections += [
+            "<h2>Unreadable ledger parts (left out)</h2>",
+            _table(["ledger part", "error"], [[k, v] for k, v in sorted(unreadable.items())]),
+        ]
     by_stage_reason = Counter(zip(ledger["stage"].to_pylist(), ledger["reason"].to_pylist(), strict=True))
     sections += [
         "<h2>Rejects by stage and reason</h2>",

@@ -319,6 +319,9 @@ def test_damage_is_listed_and_redone_exactly(
     out = capsys.readouterr().out
     assert f"damaged: {run}/shards/{name['truncated']}: size " in out
     assert f"damaged: {run}/shards/{name['deleted']}: missing" in out
+    assert main(["report", str(run), "--out", str(run.parent / "report")]) == 0
+    page = (run.parent / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Damaged shards" in page and name["truncated"] in page, "the report leaves damaged shards out, listed"
 
     untouched = {p.name: _stat(p) for p in (run / "shards").glob("*.tar")}
     redo = {u for k, u in picked.items() if k != "flipped"}
