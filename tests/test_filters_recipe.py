@@ -76,6 +76,11 @@ def test_omni_dedup_command(tmp_path: Path, demo_sources, ray_local, capsys) -> 
     assert audit(str(run)).balanced
     bad = parser.parse_args(["dedup", str(tmp_path / "nothing-here")])
     assert bad.fn(bad) == 2 and "omni: error:" in capsys.readouterr().err
+    shard = sorted((run / "shards").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:700])  # truncated: refused before any Ray task reads it
+    assert args.fn(args) == 2
+    err = capsys.readouterr().err
+    assert f"omni: error: {run}: damaged shard {shard.name} (size 700 B, manifest says" in err
 
 
 @pytest.mark.parametrize("doc", [{"minhash": {"verify": "guess"}}, {"phash": {"radius": 3}}])

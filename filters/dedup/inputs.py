@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pipelines.rundir import RunDir
 from shards import storage
 from shards.manifest import SHARDSET_MANIFEST, read_shardset_manifest
+from shards.verify import size_damage
 
 ROW_BITS = 32
 
@@ -53,6 +54,24 @@ def split_node(node: int) -> tuple[int, int]:
     return node >> ROW_BITS, node & ((1 << ROW_BITS) - 1)
 
 
+def _refuse_damaged(target: str, directory: str, entries: list[dict]) -> None:
+    """Dedup reads every shard in Ray tasks; a truncated or missing one would fail the job midway,
+    so shard sizes are checked against the manifest first (one listing) and damage is refused."""
+    on_disk = storage.sizes(directory)
+
+    def size(name: str) -> int | None:
+        if "/" not in name:
+            return on_disk.get(name)
+        path = storage.join(directory, name)  # a nested shard: not in the listing
+        return storage.size(path) if storage.exists(path) else None
+
+    damaged = {e["path"]: why for e in entries if (why := size_damage(size(e["path"]), e))}
+    if damaged:
+        name, why = next(iter(sorted(damaged.items())))
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise NotReady(f"{target}: damaged shard {name} ({why}){more}; `omni run` on the run (or `omni audit`) first")
+
+
 def resolve(target: str) -> Inputs:
     """A run directory (every planned unit committed) or a directory with a shard-set manifest."""
     target = target.rstrip("/")
@@ -66,6 +85,7 @@ def resolve(target: str) -> Inputs:
                 f"{target}: {len(missing)} units are not committed (e.g. {missing[0]}); finish the run first"
             )
         entries = sorted(((s["path"], s, unit) for unit, m in markers.items() for s in m["shards"]), key=lambda e: e[0])
+        _refuse_damaged(target, run.shards_dir, [s for _, s, _ in entries])
         shards = tuple(
             ShardInput(i, storage.join(run.shards_dir, p), p, s["sha256"], s["samples"], unit)
             for i, (p, s, unit) in enumerate(entries)
@@ -77,6 +97,7 @@ def resolve(target: str) -> Inputs:
     directory = manifest.rsplit("/", 1)[0]
     doc = read_shardset_manifest(manifest)
     entries = sorted(doc["shards"], key=lambda s: s["path"])
+    _refuse_damaged(target, directory, entries)
     shards = tuple(
         ShardInput(i, storage.join(directory, s["path"]), s["path"], s["sha256"], s["samples"])
         for i, s in enumerate(entries)
