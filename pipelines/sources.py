@@ -47,7 +47,7 @@ from shards import safejson, storage
 from shards.codec import FOREIGN_ORDER, JSON_ENVELOPE_DEPTH, MODALITY_OF_EXT
 from shards.confine import Confined, UriPolicy, confine_local, resolve_record_path
 from shards.reader import Record, Reject, TarBounds, iter_records
-from shards.schema import KINDS, MODALITIES, Segment, kind_for, locator_id, make_sample
+from shards.schema import KINDS, MODALITIES, Segment, kind_for, locator_id, make_sample, printable
 
 SIDECAR_EXTS = ("json",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
@@ -110,7 +110,9 @@ def _walk_local(root: str) -> tuple[list[str], list[list[str]]]:
     for directory, dirs, files in os.walk(root, onerror=failed, followlinks=False):
         found.extend(os.path.join(directory, f) for f in files)
         found.extend(os.path.join(directory, d) for d in dirs if os.path.islink(os.path.join(directory, d)))
-    return sorted(found), unread
+    # a name with undecodable bytes could not be a locator, an id or a ledger row: refuse it by name
+    unread += [[f, "file name is not utf-8"] for f in found if printable(f) != f]
+    return sorted(f for f in found if printable(f) == f), unread
 
 
 def _find(path: str) -> tuple[list[str], list[list[str]]]:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from shards import storage
 from shards.codec import TRUSTED_JSON_DEPTH, DecodeError, decode_sample
-from shards.schema import SAMPLE_SCHEMA, locator_id
+from shards.schema import SAMPLE_SCHEMA, locator_id, printable
 from shards.tarstream import TarCorrupt, TarMember, iter_members
 
 DEFAULT_MAX_MEMBER_BYTES = 2 << 30
@@ -31,6 +31,9 @@ class Reject:
     reason: str
     detail: str = ""
     locator: str = ""
+
+    def __post_init__(self) -> None:  # names from disks and tars may hold undecodable bytes
+        self.detail, self.locator = printable(self.detail), printable(self.locator)
 
 
 @dataclass
@@ -50,6 +53,8 @@ def split_key(name: str) -> tuple[str, str]:
 
 def unsafe_member_reason(member: TarMember, max_member_bytes: int) -> str | None:
     name = member.name
+    if printable(name) != name:
+        return "unsafe tar member: name is not utf-8"
     if name.startswith("/"):
         return "unsafe tar member: absolute path"
     if ".." in name and ".." in name.split("/"):

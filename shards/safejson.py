@@ -23,6 +23,7 @@ _OPENERS = np.zeros(256, dtype=np.int8)
 _OPENERS[list(b"[{")] = 1
 _OPENERS[list(b"]}")] = -1
 _CHUNK = 1 << 20
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class JsonBound(ValueError):
@@ -64,6 +65,12 @@ def loads(data: bytes | str, max_depth: int | None, max_bytes: int | None) -> An
     check(raw, max_depth, max_bytes)
     text = raw.decode("utf-8")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError as e:  # the scan above should make this unreachable; never let it escape
         raise JsonBound("json too deep", "recursion limit") from e
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then pay for a second pass
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" alone is valid JSON but no text: Arrow and UTF-8 refuse it
+            raise JsonBound("json has invalid unicode", f"lone surrogate escape: {e.reason}") from e
+    return value

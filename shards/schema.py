@@ -99,6 +99,21 @@ def loads_meta(text: str | None) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate (an undecodable byte of a file or member name, a
+    ``\\ud800`` escape in JSON) becomes a visible ``\\udcff`` escape instead of failing every
+    later encode (Arrow, JSON, the ledger)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # injective for any str, so ids never fail to compute
+
+
 def content_id(source: str, locator: str, segments: Sequence[Segment | Mapping[str, Any]]) -> str:
     """Stable id: hash of where the sample came from and what it holds.
 
@@ -106,14 +121,14 @@ def content_id(source: str, locator: str, segments: Sequence[Segment | Mapping[s
     places apart, so shard keys never collide; content duplicates are the dedup stage's job.
     """
     h = hashlib.sha256()
-    h.update(source.encode())
+    h.update(_utf8(source))
     h.update(b"\0")
-    h.update(locator.encode())
+    h.update(_utf8(locator))
     for seg in segments:
         row = seg.as_row() if isinstance(seg, Segment) else seg
         h.update(b"\1" + row["modality"].encode())
         for part in (row.get("text"), row.get("uri")):
-            h.update(b"\2" + (part.encode() if part is not None else b""))
+            h.update(b"\2" + (_utf8(part) if part is not None else b""))
         data = row.get("bytes")
         h.update(b"\3" + (hashlib.sha256(data).digest() if data is not None else b""))
     return h.hexdigest()[:32]

@@ -29,6 +29,7 @@ _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, 
 _USTAR_TEMPLATE = bytearray(tarfile.TarInfo("").tobuf(tarfile.USTAR_FORMAT, ENCODING, "surrogateescape"))
 _USTAR_TEMPLATE[148:156] = b" " * 8  # the checksum is summed over spaces in its own field
 _MAX_OCTAL_SIZE = 8**11
+MAX_EXTENDED_HEADER = 1 << 20  # pax / GNU long-name data read into memory; tarfile has no bound
 
 
 class TarCorrupt(Exception):
@@ -209,6 +210,8 @@ def _members(blocks: _Blocks, want: Callable[[TarMember], bool]) -> Iterator[tup
         if fields[9] == b"ustar\x00" and fields[15][:1] != b"\0":
             name = _nts(fields[15]) + "/" + name
         if typeflag in (b"x", b"g", b"L", b"K"):
+            if size > MAX_EXTENDED_HEADER:  # a name or pax record set is never this big: a memory bomb
+                raise TarCorrupt(f"extended header of {size} bytes at byte {header_at}", header_at)
             data = blocks.read(size)
             blocks.skip(padding(size))
             if typeflag == b"L":

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -417,3 +418,45 @@ def test_a_gzip_bomb_under_one_key_stays_within_its_byte_bound(tmp_path: Path) -
     reasons, grown_mb = json.loads(out.stdout)
     assert reasons == ["sample too large"]
     assert grown_mb < 120, f"reading the bomb grew the reader by {grown_mb} MB (320 MB unbounded)"
+
+
+# ---------------------------------------------------------------- names and text that are not unicode
+
+
+def test_undecodable_names_lone_surrogates_and_huge_tar_names_are_rejects(tmp_path: Path) -> None:
+    """A file or member name with bytes that are no UTF-8, a ``\\ud800`` escape in JSON, and a GNU
+    long-name header claiming 600 MB (all zeros, a few hundred KB gzipped): each a counted reject,
+    never a crash that every resume repeats."""
+    media, wds = tmp_path / "media", tmp_path / "wds"
+    media.mkdir()
+    wds.mkdir()
+    (media / "good.txt").write_text("a good caption")
+    with open(os.fsencode(media) + b"/\xff\xfelatin.txt", "wb") as f:
+        f.write(b"a caption under a latin-1 name")
+    bad_member = b"\xff\xfe01.txt".decode("utf-8", "surrogateescape")
+    (wds / "names.tar").write_bytes(tar_with([(bad_member, b"caption"), ("02.txt", b"a fine caption")]))
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, 600 << 20
+    with gzip.open(wds / "longname.tar.gz", "wb") as g:
+        g.write(header.tobuf(tarfile.GNU_FORMAT)[:512])
+        for _ in range(600):
+            g.write(bytes(1 << 20))
+    (tmp_path / "d.jsonl").write_text(
+        '{"text": "a\\ud800b"}\n{"text": "emoji \\ud83d\\ude00 stays"}\n{"text": "ok", "note": "\\udcff"}\n'
+    )
+    reasons, samples = _run(
+        tmp_path,
+        [
+            {"name": "media", "type": "local", "path": str(media)},
+            {"name": "wds", "type": "webdataset", "path": str(wds)},
+            {"name": "docs", "type": "jsonl", "path": str(tmp_path / "d.jsonl")},
+        ],
+    )
+    assert reasons == {
+        ("media", "\\udcff\\udcfelatin.txt"): "file name is not utf-8",
+        ("wds", "names.tar#\\udcff\\udcfe01.txt"): "unsafe tar member: name is not utf-8",
+        ("wds", "longname.tar.gz#"): "unreadable tar",
+        ("docs", "d.jsonl@0"): "json has invalid unicode",
+        ("docs", "d.jsonl@58"): "json has invalid unicode",
+    }
+    assert _texts(samples) == ["a fine caption", "a good caption", "emoji \U0001f600 stays"]
