@@ -68,6 +68,10 @@ def loads(data: bytes | str, max_depth: int | None, max_bytes: int | None) -> An
         value = json.loads(text)
     except RecursionError as e:  # the scan above should make this unreachable; never let it escape
         raise JsonBound("json too deep", "recursion limit") from e
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # an integer of over 4300 digits: Python refuses to convert it (a CPU bomb)
+        raise JsonBound("json number too large", str(e)[:120]) from e
     if _SURROGATE_ESCAPE.search(raw):  # rare: only then pay for a second pass
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")

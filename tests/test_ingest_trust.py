@@ -441,9 +441,8 @@ def test_undecodable_names_lone_surrogates_and_huge_tar_names_are_rejects(tmp_pa
         g.write(header.tobuf(tarfile.GNU_FORMAT)[:512])
         for _ in range(600):
             g.write(bytes(1 << 20))
-    (tmp_path / "d.jsonl").write_text(
-        '{"text": "a\\ud800b"}\n{"text": "emoji \\ud83d\\ude00 stays"}\n{"text": "ok", "note": "\\udcff"}\n'
-    )
+    lines = '{"text": "a\\ud800b"}\n{"text": "emoji \\ud83d\\ude00 stays"}\n{"text": "ok", "note": "\\udcff"}\n'
+    (tmp_path / "d.jsonl").write_text(lines + '{"text": "n", "n": ' + "9" * 5000 + "}\n")  # int() refuses it
     reasons, samples = _run(
         tmp_path,
         [
@@ -458,5 +457,6 @@ def test_undecodable_names_lone_surrogates_and_huge_tar_names_are_rejects(tmp_pa
         ("wds", "longname.tar.gz#"): "unreadable tar",
         ("docs", "d.jsonl@0"): "json has invalid unicode",
         ("docs", "d.jsonl@58"): "json has invalid unicode",
+        ("docs", f"d.jsonl@{len(lines)}"): "json number too large",
     }
     assert _texts(samples) == ["a fine caption", "a good caption", "emoji \U0001f600 stays"]
