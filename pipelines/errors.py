@@ -101,11 +101,19 @@ def _disk_message(e: BaseException, target: str | None) -> str | None:
     return f"{what}{': ' + str(path) if path else ''}{' (' + fix + ')' if fix else ''}"
 
 
+class UserFixable(Exception):
+    """A failure already described in one line where it happened (a Ray worker, whose exception
+    reaches the driver without its cause)."""
+
+
 def describe_error(exc: BaseException, target: str | None = None) -> str | None:
     """One line for a failure the user can fix (a full disk, refused credentials, an unreachable
     endpoint, a bad path), looking through Ray's and Python's wrappers; None for anything else, which
     is a bug and keeps its traceback. ``target`` names the output when the OS names no file."""
     chain = _causes(exc)
+    for e in chain:
+        if isinstance(e, UserFixable):
+            return first_line(e)
     for rule in (_s3_message, _connection_message, lambda e: _disk_message(e, target)):
         for e in chain:
             message = rule(e)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from pipelines.errors import UserFixable, describe_error
 from pipelines.operator import Operator, get_operator
 from pipelines.recipe import Recipe, StepSpec, parse_size
 from pipelines.units import CommitTracker, apply_step, build_operator, read_unit_table, stage_name, write_units
@@ -111,7 +112,15 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
         return pa.concat_tables(tables)
 
     def write(table: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist(write_units(table, recipe))
+        try:
+            return pa.Table.from_pylist(write_units(table, recipe))
+        except Exception as e:
+            # Ray hands the driver a UserCodeException without its cause, so a full disk or a refused
+            # bucket would end in a traceback: describe it here and send the one line as a row.
+            message = describe_error(e, recipe.output)
+            if message is None:
+                raise
+            return pa.Table.from_pylist([{"unit": "", "error": message}])
 
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
@@ -139,6 +148,8 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
     seen: set[str] = set()
     with tqdm(total=len(pending), desc=f"{recipe.name} units", unit="unit", disable=not progress) as bar:
         for summary in ds.iter_rows():
+            if summary.get("error"):
+                raise UserFixable(summary["error"])
             seen.add(summary["unit"])
             if tracker.add(dict(summary)):
                 bar.update(1)
