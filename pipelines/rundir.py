@@ -309,10 +309,16 @@ class RunLock:
 def source_roots(sources: Iterable[dict[str, Any]]) -> list[str]:
     """Where the sources' records may point: a folder source itself, a manifest file's folder
     (record paths resolve there). Written into the shard-set manifest for the trainer's URI rule."""
+    from pipelines.sources import _pattern_root  # the folder above a glob's first wildcard, as ingest uses
+
     roots = []
     for s in sources:
         path = str(s["path"])
-        if s.get("type") in ("jsonl", "parquet"):
+        pattern_root = _pattern_root(path)
+        if pattern_root is not None:
+            roots.append(pattern_root)
+            continue
+        if s.get("type") in ("jsonl", "parquet", "csv"):
             try:
                 fs, p = storage.filesystem(path)
                 is_file = fs.isfile(p)

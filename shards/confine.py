@@ -41,6 +41,8 @@ def _remote(uri: str) -> str:
     scheme, rest = uri.split("://", 1)
     if ".." in rest.split("/"):
         raise Confined("uri not allowed", f"{uri[:200]} (parent segment)")
+    if not rest.strip("/"):
+        return f"{scheme.lower()}://"  # a bare scheme (``https://``) allows that whole scheme
     return f"{scheme.lower()}://{posixpath.normpath(rest)}".rstrip("/")
 
 
@@ -50,7 +52,7 @@ def normalize(uri: str) -> str:
 
 
 def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    return path == root or path.startswith(root if root.endswith("/") else root + "/")
 
 
 @dataclass
