@@ -5,15 +5,22 @@ text inline), and each media segment with bytes is a member ``<id>.<index>.<ext>
 splits keys at the first dot, so stock ``webdataset`` readers see one sample per id.
 
 Foreign layouts (img2dataset, video2dataset: ``<key>.jpg`` + ``<key>.txt`` + ``<key>.json``) decode
-into a Sample too, with segments in a fixed modality order. Only JSON and raw bytes are ever
-decoded: no pickle, no ``.pyd``/``.pth`` members.
+into a Sample too, with segments in a fixed modality order. Members compressed one by one
+(``txt.gz``, as WebDataset's own test data has) are inflated under the key's byte bounds; label
+members (``.cls``, ``.label``...) and msgpack members become sample metadata; a member's bytes
+decide its modality when its extension lies (video2dataset's still-image rows are JPEGs named
+``.mp4``). Only JSON, msgpack (plain values) and raw bytes are ever decoded: no pickle, no
+``.pyd``/``.pth`` members (they are listed in ``meta.ignored_members``).
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any
+
+import msgpack
 
 from shards import safejson
 from shards.schema import (
@@ -29,8 +36,11 @@ from shards.schema import (
 FORMAT = "omnicorpus/1"
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-AUDIO_EXTS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+AUDIO_EXTS = (
+    *("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac"),
+    *("aiff", "aif", "aifc", "caf", "wma", "amr", "au", "mka", "oga", "weba"),  # other containers ffmpeg reads
+)
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "ogv", "mpg", "mpeg", "wmv", "flv")
 TEXT_EXTS = ("txt", "text", "caption", "md")
 MODALITY_OF_EXT = {
     **{e: "image" for e in IMAGE_EXTS},
@@ -39,6 +49,28 @@ MODALITY_OF_EXT = {
     **{e: "text" for e in TEXT_EXTS},
 }
 FOREIGN_ORDER = ("image", "video", "audio", "text")
+# Sidecar members that label a sample (WebDataset's ``.cls``, ImageNet-style ``.label``): kept as
+# ``meta.labels`` text, bounded, never as segments.
+LABEL_EXTS = ("cls", "cls2", "class", "label", "labels", "id", "index", "idx", "target", "tag", "tags")
+MAX_LABEL_BYTES = 64 << 10
+MSGPACK_EXTS = ("msgpack", "mp", "mpk")
+# Serialized Python objects: decoding them runs code. Listed in ``meta.ignored_members``, never read.
+NEVER_DECODED = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt", "npy", "npz")
+# Bound on a compressed member's inflated size when the caller gives none (a reader's default member bound).
+DEFAULT_MAX_INFLATED_BYTES = 2 << 30
+# Extensions naming the same format, so a member is only said to lie when its bytes are another format.
+_FAMILIES = (
+    ("jpg", "jpeg"),
+    ("tif", "tiff"),
+    ("aiff", "aif", "aifc"),
+    ("mp4", "m4a", "m4v", "mov", "3gp"),
+    ("webm", "mkv", "mka", "weba"),
+    ("ogg", "opus", "oga", "ogv"),
+    ("wma", "wmv", "asf"),
+)
+FAMILY_OF_EXT = {e: family[0] for family in _FAMILIES for e in family}
+# Containers that hold audio or video alike: their bytes do not say which, so the extension does.
+AMBIGUOUS_CONTAINERS = ("mp4", "webm", "ogg", "wma")
 SAMPLE_FIELDS = {f.name for f in SAMPLE_SCHEMA}
 # Reading our own output still bounds JSON depth, generously, far below the recursion limit.
 TRUSTED_JSON_DEPTH = 512
@@ -56,30 +88,173 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-def sniff_ext(modality: str, data: bytes) -> str:
-    """A file extension from magic bytes, so viewers and foreign readers can open members."""
-    head = data[:16]
+def sniff(data: bytes) -> str | None:
+    """The format magic bytes name (a file extension), or None: bytes are trusted over a member's name."""
+    head = data[:64]
     if head.startswith(b"\xff\xd8\xff"):
         return "jpg"
-    if head.startswith(b"\x89PNG"):
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
-    if head.startswith(b"GIF8"):
+    if head.startswith((b"GIF87a", b"GIF89a")):
         return "gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
+    if head[:4] == b"RIFF" and head[8:12] in (b"WEBP", b"WAVE", b"AVI "):
+        return {b"WEBP": "webp", b"WAVE": "wav", b"AVI ": "avi"}[head[8:12]]
+    if head[:2] == b"BM" and head[6:10] == b"\0\0\0\0" and len(head) >= 26:
+        return "bmp"
+    if head.startswith((b"II*\0", b"MM\0*")):
+        return "tif"
     if head.startswith(b"fLaC"):
         return "flac"
-    if head.startswith(b"OggS"):
+    if head.startswith(b"OggS\0"):
         return "ogg"
-    if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head.startswith(b"caff\0\x01"):
+        return "caf"
+    if head.startswith(b".snd") and len(head) >= 24:
+        return "au"
+    if head.startswith(b"#!AMR"):
+        return "amr"
+    if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):  # ASF: wma/wmv alike, the name decides
+        return "wma"
+    if head.startswith(b"ID3") and head[3:4] in (b"\2", b"\3", b"\4"):
         return "mp3"
+    if head[:2] in (b"\xff\xfb", b"\xff\xfa", b"\xff\xf3", b"\xff\xf2", b"\xff\xe3", b"\xff\xe2"):
+        return "mp3"  # MPEG-1/2/2.5 layer III frame sync, with or without CRC
+    if head[:2] in (b"\xff\xf1", b"\xff\xf9"):
+        return "aac"  # ADTS
     if head[4:8] == b"ftyp":
-        return "mp4"
+        brand = head[8:12]
+        return "m4a" if brand == b"M4A " else "mov" if brand == b"qt  " else "mp4"
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "webm"
+    return None
+
+
+def sniff_ext(modality: str, data: bytes) -> str:
+    """A file extension from magic bytes, so viewers and foreign readers can open members."""
+    found = sniff(data)
+    if found is not None:
+        return found
     return {"image": "img", "audio": "audio", "video": "video", "text": "txt"}[modality]
+
+
+def _same_format(a: str, b: str) -> bool:
+    return FAMILY_OF_EXT.get(a, a) == FAMILY_OF_EXT.get(b, b)
+
+
+def media_of(ext: str, data: bytes) -> tuple[str, str] | None:
+    """(modality, extension) of a member from its bytes and its claimed extension, or None when neither
+    names media. A text member keeps its name unless it is not UTF-8; ASF is audio unless named video."""
+    claimed = MODALITY_OF_EXT.get(ext)
+    if claimed == "text":
+        try:
+            data.decode("utf-8")
+            return "text", ext
+        except UnicodeDecodeError:
+            pass
+    found = sniff(data)
+    if found is None:
+        return (claimed, ext) if claimed is not None else None
+    if _same_format(found, ext):
+        return MODALITY_OF_EXT.get(ext, MODALITY_OF_EXT[found]), ext
+    modality = MODALITY_OF_EXT[found]
+    if FAMILY_OF_EXT.get(found, found) in AMBIGUOUS_CONTAINERS and claimed in ("audio", "video"):
+        modality = claimed
+    return modality, found
+
+
+def gunzip_bounded(data: bytes, limit: int, name: str) -> bytes:
+    """Inflate a gzip member (concatenated streams too), never holding more than ``limit`` bytes:
+    a small bomb stops at its bound instead of filling memory."""
+    out = bytearray()
+    rest = data
+    try:
+        while True:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            pending = rest
+            while not inflater.eof:
+                piece = inflater.decompress(pending, limit + 1 - len(out))
+                out += piece
+                if len(out) > limit:
+                    raise DecodeError("member too large after decompression", f"{name}: over {limit} bytes")
+                pending = inflater.unconsumed_tail
+                if not piece and not pending:
+                    raise DecodeError("undecodable member", f"{name}: truncated gzip stream")
+            rest = inflater.unused_data
+            if not rest.strip(b"\0"):  # gzip(1) also ignores trailing zero padding
+                return bytes(out)
+    except zlib.error as e:
+        raise DecodeError("undecodable member", f"{name}: {e}") from e
+
+
+def inflate_members(
+    key: str, members: Mapping[str, bytes], max_member_bytes: int | None, max_key_bytes: int | None
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Members with every ``<ext>.gz`` inflated to ``<ext>``, and {inner ext: member ext} of those.
+
+    Each inflated member is bounded by ``max_member_bytes`` and, with what the key already holds, by
+    ``max_key_bytes``: the bounds a key's members are read under hold after decompression too."""
+    packed = sorted(e for e in members if e.endswith(".gz") and len(e) > 3)
+    if not packed:
+        return dict(members), {}
+    out = {e: d for e, d in members.items() if e not in packed}
+    origin: dict[str, str] = {}
+    held = sum(len(d) for d in out.values())
+    for ext in packed:
+        inner, name = ext[:-3], f"{key}.{ext}"
+        if inner in out:
+            raise DecodeError("duplicate member in sample", f"{name} and {key}.{inner}")
+        if not members[ext]:
+            raise DecodeError("empty member", name)
+        limit = max_member_bytes if max_member_bytes is not None else DEFAULT_MAX_INFLATED_BYTES
+        if max_key_bytes is not None:
+            limit = min(limit, max(max_key_bytes - held, 0))
+        out[inner] = gunzip_bounded(members[ext], limit, name)
+        origin[inner] = ext
+        held += len(out[inner])
+    return out, origin
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    """msgpack extension types would build objects of the writer's choosing: refused."""
+    raise ValueError(f"extension type {code} refused")
+
+
+def unpack_meta(data: bytes, name: str, max_depth: int | None, max_bytes: int | None) -> Any:
+    """A msgpack member as plain JSON values: no extension types, string keys, depth and size bounded
+    as JSON is; binary values become ``"<binary: N bytes>"`` (meta is text)."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError("msgpack too large", f"{name}: {len(data)} bytes, limit {max_bytes}")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, timestamp=3, ext_hook=_no_ext)
+    except msgpack.StackError as e:
+        raise DecodeError("msgpack too deep", name) from e
+    except Exception as e:  # noqa: BLE001  FormatError, ExtraData, bad utf-8, refused ext, timestamp overflow...
+        raise DecodeError("bad msgpack member", f"{name}: {str(e)[:150]}") from e
+    return _plain(value, name, TRUSTED_JSON_DEPTH if max_depth is None else max_depth, 1)
+
+
+def _plain(value: Any, name: str, max_depth: int, depth: int) -> Any:
+    if isinstance(value, list | dict):
+        if depth > max_depth:
+            raise DecodeError("msgpack too deep", f"{name}: over {max_depth} levels")
+        if isinstance(value, list):
+            return [_plain(v, name, max_depth, depth + 1) for v in value]
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, bytes):
+                try:
+                    k = k.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DecodeError("bad msgpack member", f"{name}: a map key is not utf-8") from e
+            out[k] = _plain(v, name, max_depth, depth + 1)
+        return out
+    if isinstance(value, bytes):
+        return f"<binary: {len(value)} bytes>"
+    if hasattr(value, "isoformat"):  # a msgpack timestamp, read as datetime
+        return value.isoformat()
+    return value
 
 
 def encode_sample(row: Mapping[str, Any]) -> dict[str, bytes]:
@@ -123,6 +298,8 @@ def decode_sample(
     trust_id: bool = True,
     max_json_depth: int | None = TRUSTED_JSON_DEPTH,
     max_json_bytes: int | None = None,
+    max_member_bytes: int | None = None,
+    max_key_bytes: int | None = None,
 ) -> dict[str, Any]:
     """A Sample row from one key's members, ours or a foreign layout. Raises DecodeError.
 
@@ -130,7 +307,9 @@ def decode_sample(
     stored id and source. Ingest passes ``trust_id=False``: every id is then ours to compute from
     ``source``, ``locator`` (default: the key) and content, and what the input claimed (its ``id``,
     or a foreign json's ``id``/``key``) is kept as ``meta.claimed_id``. A tar's json is bounded in
-    bytes and depth; ours may nest ``JSON_ENVELOPE_DEPTH`` deeper than the record it came from."""
+    bytes and depth; ours may nest ``JSON_ENVELOPE_DEPTH`` deeper than the record it came from.
+    ``<ext>.gz`` members are inflated first, under ``max_member_bytes`` and ``max_key_bytes``."""
+    members, origin = inflate_members(key, members, max_member_bytes, max_key_bytes)
     doc = None
     if "json" in members:
         try:
@@ -146,7 +325,10 @@ def decode_sample(
         if trust_id:
             return row
         return _as_ingested(row, source, locator or key)
-    return _decode_foreign(locator or key, members, doc or {}, source)
+    foreign = doc or {}
+    return _decode_foreign(
+        key, locator or key, members, foreign, source, origin=origin, max_depth=max_json_depth, max_bytes=max_json_bytes
+    )
 
 
 def _bad(detail: str) -> DecodeError:
@@ -226,38 +408,90 @@ def _as_ingested(row: dict[str, Any], source: str, locator: str) -> dict[str, An
     }
 
 
-def _decode_foreign(locator: str, members: Mapping[str, bytes], doc: dict[str, Any], source: str) -> dict[str, Any]:
-    by_modality: dict[str, list[tuple[str, bytes]]] = {}
-    ignored = []
+def _label(data: bytes, name: str) -> str:
+    if len(data) > MAX_LABEL_BYTES:
+        raise DecodeError("label too large", f"{name}: {len(data)} bytes, limit {MAX_LABEL_BYTES}")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DecodeError("text is not utf-8", f"{name}: {e}") from e
+
+
+def _decode_foreign(
+    key: str,
+    locator: str,
+    members: Mapping[str, bytes],
+    doc: dict[str, Any],
+    source: str,
+    *,
+    origin: Mapping[str, str] | None = None,
+    max_depth: int | None = TRUSTED_JSON_DEPTH,
+    max_bytes: int | None = None,
+) -> dict[str, Any]:
+    """A foreign key's members as a Sample: media and text become segments (by their bytes when the
+    extension lies), labels and msgpack become meta, serialized objects and unknown members are listed."""
+    origin = origin or {}
+    by_modality: dict[str, list[tuple[str, str, bytes]]] = {}
+    ignored: list[str] = []
+    labels: dict[str, str] = {}
+    packed: dict[str, Any] = {}
     for ext, data in sorted(members.items()):
         if ext == "json":
             continue
-        modality = MODALITY_OF_EXT.get(ext.rsplit(".", 1)[-1].lower())
-        if modality is None:
-            ignored.append(ext)
+        member_ext = origin.get(ext, ext)
+        name = f"{key}.{member_ext}"
+        last = ext.rsplit(".", 1)[-1].lower()
+        if last in NEVER_DECODED:
+            ignored.append(member_ext)
             continue
-        by_modality.setdefault(modality, []).append((ext, data))
+        if last in LABEL_EXTS or last in MSGPACK_EXTS:
+            if len(data) == 0:
+                raise DecodeError("empty member", name)
+            if last in LABEL_EXTS:
+                labels[ext] = _label(data, name)
+            else:
+                packed[ext] = unpack_meta(data, name, max_depth, max_bytes)
+            continue
+        if len(data) == 0:
+            if last in MODALITY_OF_EXT:
+                raise DecodeError("empty member", name)
+            ignored.append(member_ext)
+            continue
+        found = media_of(last, data)
+        if found is None:
+            ignored.append(member_ext)
+            continue
+        modality, actual = found
+        by_modality.setdefault(modality, []).append((ext, ext if actual == last else actual, data))
     if not by_modality:
-        raise DecodeError("no usable members", ",".join(sorted(members)) or "empty")
+        raise DecodeError("no usable members", ",".join(sorted(origin.get(e, e) for e in members)) or "empty")
     segments = []
     for modality in FOREIGN_ORDER:
-        for ext, data in by_modality.get(modality, []):
-            if len(data) == 0:
-                raise DecodeError("empty member", ext)
+        for ext, actual, data in by_modality.get(modality, []):
+            name = f"{key}.{origin.get(ext, ext)}"
             if modality == "text":
                 try:
                     text = data.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DecodeError("text is not utf-8", f"{ext}: {e}") from e
+                    raise DecodeError("text is not utf-8", f"{name}: {e}") from e
                 segments.append({"modality": "text", "text": text, "bytes": None, "uri": None, "meta": None})
-            else:
-                segments.append(
-                    {"modality": modality, "text": None, "bytes": data, "uri": None, "meta": dumps_meta({"ext": ext})}
-                )
+                continue
+            seg_meta = {"ext": actual}
+            if actual != ext:
+                seg_meta["ext_claimed"] = ext
+            if ext in origin:
+                seg_meta["member"] = origin[ext]
+            segments.append(
+                {"modality": modality, "text": None, "bytes": data, "uri": None, "meta": dumps_meta(seg_meta)}
+            )
     meta: dict[str, Any] = {"locator": locator, "foreign": doc} if doc else {"locator": locator}
     claimed = doc.get("id", doc.get("key"))
     if isinstance(claimed, str | int) and not isinstance(claimed, bool):
         meta["claimed_id"] = str(claimed)
+    if labels:
+        meta["labels"] = labels
+    if packed:
+        meta["msgpack"] = packed
     if ignored:
         meta["ignored_members"] = ignored
     return {

@@ -3,7 +3,8 @@
 Members are read into memory, never extracted, so a hostile path cannot write anywhere; it is
 still reported. Grouping follows WebDataset: consecutive members sharing a key form a sample.
 What a key may make us hold is bounded (``TarBounds``): members are counted and sized from their
-headers before their data is read, so a key over its bound is skipped, not loaded.
+headers before their data is read, so a key over its bound is skipped, not loaded; members compressed
+one by one (``txt.gz``) are inflated under the same bounds (``shards.codec.inflate_members``).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def iter_tar_records(
                 trust_id=trust_id,
                 max_json_depth=bounds.max_json_depth,
                 max_json_bytes=bounds.max_json_bytes,
+                max_member_bytes=bounds.max_member_bytes,
+                max_key_bytes=bounds.max_key_bytes,
             )
         except DecodeError as e:
             yield Record(reject=Reject(locator_id(source, locator), e.reason, e.detail[:500], locator))
