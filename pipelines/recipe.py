@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-SOURCE_TYPES = ("local", "jsonl", "parquet", "webdataset")
+SOURCE_TYPES = ("local", "jsonl", "parquet", "webdataset", "csv")
 
 
 class RecipeError(ValueError):
@@ -33,7 +33,7 @@ class SourceSpec:
     type: str
     path: str
     unit_size: int = 256  # samples per work unit (local folders, parquet row batches)
-    unit_bytes: int = 64 << 20  # bytes per work unit (jsonl byte ranges)
+    unit_bytes: int = 64 << 20  # bytes per work unit (jsonl and csv byte ranges)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,7 +131,11 @@ SCHEMA: dict[str, dict[str, Kind]] = {
         "unit_bytes": "size",
         "max_member_bytes": "size",
         "allow_paths": "list:text",
+        "columns": "csv_columns",  # csv: which columns hold the caption and the media URL or path
+        "delimiter": (",", "\t", ";", "|"),  # csv: default "\t" for .tsv, else ","
+        "layout": ("auto", "mmc4", "obelics"),  # jsonl/parquet records: interleaved document layout
     },
+    "csv_columns": {"text": "text", "url": "text", "modality": ("image", "audio", "video")},
     "step": {"op": "text", "params": "mapping"},
     "shards": {"max_samples": "count", "max_bytes": "size", "max_inline_bytes": "size"},
     "limits": {f.name: "size" if f.name.endswith("bytes") else "count" for f in fields(Limits)},
@@ -161,7 +165,8 @@ HINTS = {  # unknown keys a user is likely to try, with where they go instead
     "region_name": "put it under client_kwargs: {region_name: ...}",
     "resources": "operator resources are not configurable in a recipe yet",
 }
-SOURCE_OPTIONS = ("max_member_bytes", "allow_paths")  # source keys kept in ``SourceSpec.options``
+# source keys kept in ``SourceSpec.options``
+SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "layout")
 
 
 def _show(value: Any) -> str:

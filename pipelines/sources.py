@@ -10,14 +10,18 @@ plain JSON dict so it can be stored in the run's plan and shipped to Ray.
 - ``parquet``: one unit per row group; a file whose footer cannot be read is one unit of one reject.
 - ``webdataset``: one unit per tar (``.tar``, or gzip/bzip2/xz compressed), ours or foreign
   (img2dataset/video2dataset layout).
+- ``csv``: ``.csv``/``.tsv`` manifests with a header (img2dataset ``url,caption``, WebVid
+  ``videoid,contentUrl,...,name``), split into byte ranges at row starts; a row is a record.
 
 Nothing in a source folder is skipped silently: files a source type does not read (a ``.txt`` in a
 ``webdataset`` folder), entries that resolve outside the folder, and directories that cannot be
 listed go into "unread" units whose inputs are rejects with the reason.
 
-Records (JSONL lines, Parquet rows) either list ``segments`` (``{"modality", "text" | "path" |
-"uri"}``) or use the shorthand fields ``image``/``video``/``audio`` (a path, or bytes in Parquet)
-and ``text``. Relative media paths resolve against the manifest's folder.
+Records (JSONL lines, Parquet rows, CSV rows) either list ``segments`` (``{"modality", "text" | "path" |
+"uri"}``), use the shorthand fields ``image``/``video``/``audio`` (a path, or bytes in Parquet)
+and ``text``, or are interleaved documents in the mmc4 or OBELICS layout (``_interleaved``).
+Relative media paths resolve against the manifest's folder. An ``http(s)://`` value is never fetched
+here: it stays a ``uri`` segment when ``storage.allow_uris`` holds it, for a download step.
 
 Confinement (``shards.confine``): a local source reads only under the real path of its root (or a
 source's ``allow_paths``): symlinks that stay inside are fine, any other is rejected unopened, and
@@ -32,17 +36,22 @@ input claims to be its id is kept as ``meta.claimed_id``.
 
 from __future__ import annotations
 
+import csv
+import functools
+import glob
 import hashlib
+import io
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.recipe import Recipe, SourceSpec
+from pipelines.recipe import Recipe, RecipeError, SourceSpec
 from shards import safejson, storage
 from shards.codec import FOREIGN_ORDER, JSON_ENVELOPE_DEPTH, MODALITY_OF_EXT
 from shards.confine import Confined, UriPolicy, confine_local, resolve_record_path
@@ -51,7 +60,12 @@ from shards.schema import KINDS, MODALITIES, Segment, kind_for, locator_id, make
 
 SIDECAR_EXTS = ("json",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
-SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",), "webdataset": TAR_SUFFIXES}
+SUFFIXES = {
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "parquet": (".parquet",),
+    "webdataset": TAR_SUFFIXES,
+    "csv": (".csv", ".tsv"),
+}
 PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 
@@ -78,8 +92,9 @@ def _allow_uris(recipe: Recipe) -> list[str]:
 
 
 def _source_root(spec: SourceSpec, path: str) -> str:
-    """The folder a source reads from: its path, or, when it names one file (``path``), that file's folder."""
-    root = spec.path.rstrip("/")
+    """The folder a source reads from: its path (a pattern's fixed folder), or, when it names one file
+    (``path``), that file's folder."""
+    root = _root(spec).rstrip("/")
     return (posixpath.dirname(path) or ".") if path.rstrip("/") == root else root or "."
 
 
@@ -87,7 +102,13 @@ def _source_root(spec: SourceSpec, path: str) -> str:
 
 
 def plan_source(spec: SourceSpec, recipe: Recipe | None = None) -> list[dict[str, Any]]:
-    planner = {"local": _plan_local, "jsonl": _plan_jsonl, "parquet": _plan_parquet, "webdataset": _plan_tars}
+    planner = {
+        "local": _plan_local,
+        "jsonl": _plan_jsonl,
+        "parquet": _plan_parquet,
+        "webdataset": _plan_tars,
+        "csv": _plan_csv,
+    }
     units = planner[spec.type](spec, recipe)
     return [{"id": unit_id(spec.name, u), "source": spec.name, "type": spec.type, **u} for u in units]
 
@@ -133,6 +154,76 @@ def _find(path: str) -> tuple[list[str], list[list[str]]]:
     return [prefix + p for p in sorted(fs.find(root))], []
 
 
+PATTERN_CHARS = "*?[{"
+MAX_BRACE_NAMES = 100_000
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_root(path: str) -> str | None:
+    """The folder above a path pattern's first wildcard segment (``data/*.jsonl`` → ``data``); None for
+    a plain path, or one that exists as written (a file named ``a[1].jsonl`` is read as named)."""
+    if not any(c in path for c in PATTERN_CHARS) or storage.exists(path):
+        return None
+    parts = path.split("/")
+    i = next(i for i, part in enumerate(parts) if any(c in part for c in PATTERN_CHARS))
+    return "/".join(parts[:i]) or ("/" if path.startswith("/") else ".")
+
+
+def _root(spec: SourceSpec) -> str:
+    return _pattern_root(spec.path) or spec.path
+
+
+def _braces(path: str, start: int = 0) -> list[str]:
+    """WebDataset-style brace expansion: ``{000..009}`` (zero-padded as written) and ``{a,b}``."""
+    m = _BRACE.search(path, start)
+    if not m:
+        return [path]
+    body = m[1]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        a, b = int(span[1]), int(span[2])
+        width = len(span[1]) if span[1].startswith("0") else 0
+        if abs(b - a) >= MAX_BRACE_NAMES:
+            raise RecipeError(f"source path {path!r}: {{{body}}} names over {MAX_BRACE_NAMES} files")
+        options = [f"{n:0{width}d}" for n in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        return _braces(path, m.end())  # a literal {x}
+    out = [q for o in options for q in _braces(path[: m.start()] + o + path[m.end() :], m.start() + len(o))]
+    if len(out) > MAX_BRACE_NAMES:
+        raise RecipeError(f"source path {path!r} names over {MAX_BRACE_NAMES} files")
+    return out
+
+
+def _expand(path: str) -> tuple[list[str], list[list[str]]]:
+    """Files a path pattern names (braces, then ``*``/``?``/``[...]``/``**`` globs; a matched folder is
+    walked), and unread entries: a file a brace names that does not exist is ``missing file``."""
+    files: list[str] = []
+    unread: list[list[str]] = []
+    for name in _braces(path):
+        if not any(c in name for c in "*?["):
+            if storage.exists(name):
+                found, bad = _find(name)
+                files, unread = files + found, unread + bad
+            else:
+                unread.append([name, "missing file"])
+            continue
+        if storage.is_remote(name):
+            fs, pattern = storage.filesystem(name)
+            prefix = name.split("://", 1)[0] + "://"
+            matches = [prefix + m for m in fs.glob(pattern)]
+        else:
+            matches = glob.glob(name.removeprefix("file://"), recursive=True)
+        for m in matches:
+            found, bad = _find(m)
+            files, unread = files + found, unread + bad
+    if not files and not unread:
+        raise FileNotFoundError(f"source path matches no file: {path}")
+    return sorted(set(files)), unread
+
+
 def _unread_units(spec: SourceSpec, unread: list[list[str]]) -> list[dict[str, Any]]:
     """Units whose every input is a reject: ``[path, reason]`` entries the source will not read."""
     n = spec.unit_size
@@ -143,12 +234,17 @@ def _plan_files(spec: SourceSpec, recipe: Recipe | None) -> tuple[list[str], lis
     """The files a jsonl/parquet/webdataset source reads, plus units for everything else in its folder.
 
     Files in a local folder are confined before the planner opens any (Parquet footers): one that
-    resolves outside the folder or is not a regular file is unread with that reason."""
-    files, unread = _find(spec.path)
-    if files == [spec.path]:
-        return files, []
+    resolves outside the folder or is not a regular file is unread with that reason. A path pattern
+    (``data/*.jsonl``, ``shards/{000..009}.tar``) reads what it matches, confined to its fixed folder."""
+    root = _pattern_root(spec.path)
+    if root is None:
+        files, unread = _find(spec.path)
+        if files == [spec.path]:
+            return files, []
+    else:
+        files, unread = _expand(spec.path)
     suffixes = SUFFIXES[spec.type]
-    policy = UriPolicy.of([spec.path], allow_paths(spec, recipe))
+    policy = UriPolicy.of([root or spec.path], allow_paths(spec, recipe))
     planned = []
     for f in files:
         if not f.lower().endswith(suffixes):
@@ -189,6 +285,50 @@ def _plan_jsonl(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]
     return units + unread
 
 
+CSV_CHUNK = 4 << 20  # bytes the row-start scan reads at a time
+
+
+def _plan_csv(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
+    """Byte ranges cut at row starts. A quoted field may hold newlines, so where a row starts depends
+    on every quote before it: a file longer than ``unit_bytes`` is scanned once here (quotes counted
+    at C speed per chunk), and readers split rows by the same rule (``_csv_rows``), so they agree."""
+    files, unread = _plan_files(spec, recipe)
+    units = []
+    for f in files:
+        total = storage.size(f)
+        cuts = [0, *_csv_row_starts(f, spec.unit_bytes, total), total] if total else [0, 0]
+        units += [{"path": f, "start": a, "end": b} for a, b in zip(cuts, cuts[1:], strict=False) if a < b or not total]
+    return units + unread
+
+
+def _csv_row_starts(path: str, step: int, total: int) -> list[int]:
+    """For each multiple of ``step`` (> 0), the first row start at or after it: the byte after a
+    newline outside quotes (an even count of ``"`` since the file began). Sorted, unique, < ``total``."""
+    starts: list[int] = []
+    target, pos, odd = step, 0, 0  # odd: quote parity at ``pos``
+    with storage.open_read(path) as f:
+        while target < total:
+            chunk = f.read(CSV_CHUNK)
+            if not chunk:
+                break
+            i = max(target - 1 - pos, 0)  # a newline at target-1 makes target a row start
+            parity = odd ^ (chunk.count(b'"', 0, i) & 1)
+            while i < len(chunk) and target < total:
+                nl = chunk.find(b"\n", i)
+                if nl < 0:
+                    break
+                parity ^= chunk.count(b'"', i, nl) & 1
+                i = nl + 1
+                if not parity and pos + i < total:
+                    starts.append(pos + i)
+                    target = (pos + i) // step * step + step  # the next cut past this row start
+                    i = max(i, target - 1 - pos)
+                    parity ^= chunk.count(b'"', nl + 1, i) & 1 if i > nl + 1 else 0
+            odd ^= chunk.count(b'"') & 1
+            pos += len(chunk)
+    return starts
+
+
 def _plan_parquet(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
     """One unit per row group; a file whose metadata cannot be read is one unit (one reject), so a
     corrupt or truncated file never fails the plan of the whole run."""
@@ -224,7 +364,13 @@ def read_unit(unit: dict[str, Any], recipe: Recipe) -> Iterator[Record]:
     if "error" in unit:
         yield _reject(spec.name, _relative(spec, unit["path"]), "unreadable parquet", unit["error"])
         return
-    reader = {"local": _read_local, "jsonl": _read_jsonl, "parquet": _read_parquet, "webdataset": _read_tar}
+    reader = {
+        "local": _read_local,
+        "jsonl": _read_jsonl,
+        "parquet": _read_parquet,
+        "webdataset": _read_tar,
+        "csv": _read_csv,
+    }
     yield from reader[unit["type"]](unit, spec, recipe)
 
 
@@ -235,7 +381,7 @@ def _quote(part: str) -> str:
 
 def _relative(spec: SourceSpec, path: str) -> str:
     """Where an input sits inside its source, so ids survive moving the corpus elsewhere."""
-    root = spec.path.rstrip("/")
+    root = _root(spec).rstrip("/")
     if path == root:
         return _quote(posixpath.basename(path))
     return _quote(path[len(root) + 1 :] if path.startswith(root + "/") else path)
@@ -357,6 +503,9 @@ def _record_sample(
     """A JSONL line or Parquet row → Sample; raises ValueError with 'reason: detail'."""
     if not isinstance(record, dict):
         raise ValueError(f"record is not an object: {type(record).__name__}")
+    if record.get("segments") is None:
+        layout = str(spec.options.get("layout", "auto"))
+        record = _interleaved(record, layout, base, policy) or _mapped(record, spec) or record
     segments: list[Segment] = []
     if record.get("segments") is not None:
         if not isinstance(record["segments"], list):
@@ -386,6 +535,97 @@ def _record_sample(
     return make_sample(spec.name, kind, segments, locator, extra)
 
 
+def _interleaved(record: dict[str, Any], layout: str, base: str, policy: UriPolicy) -> dict[str, Any] | None:
+    """An mmc4 (``text_list`` + ``image_info``) or OBELICS (``texts`` + ``images``) document as a record
+    with ordered ``segments``; None when the record is in neither layout (and ``layout`` is ``auto``)."""
+    if layout == "mmc4" or (layout == "auto" and "text_list" in record):
+        segments, consumed = _mmc4_segments(record, base, policy), ("text_list", "image_info")
+    elif layout == "obelics" or (layout == "auto" and "texts" in record and "images" in record):
+        segments, consumed = _obelics_segments(record), ("texts", "images")
+    else:
+        return None
+    rest = {k: v for k, v in record.items() if k not in consumed}
+    if "kind" not in rest and any(s["modality"] != "text" for s in segments):
+        rest["kind"] = "interleaved_image_text"  # even one image and one sentence: it is a document
+    return {**rest, "segments": segments}
+
+
+def _mmc4_segments(record: dict[str, Any], base: str, policy: UriPolicy) -> list[dict[str, Any]]:
+    """mmc4: each image goes *before* its matched sentence (``matched_text_index``), as OpenFlamingo
+    interleaves mmc4; runs of sentences between images join with a space into one text segment."""
+    texts, infos = record.get("text_list"), record.get("image_info") or []
+    if not isinstance(texts, list) or not isinstance(infos, list):
+        raise ValueError("bad interleaved document: mmc4 text_list and image_info must be lists")
+    before: dict[int, list[dict[str, Any]]] = {}
+    for j, info in enumerate(infos):
+        if not isinstance(info, dict):
+            raise ValueError(f"bad interleaved document: image_info[{j}] is not an object")
+        i = info.get("matched_text_index")
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"bad interleaved document: image_info[{j}].matched_text_index is not an integer")
+        if not 0 <= i < len(texts):
+            raise ValueError(f"image index out of range: image_info[{j}].matched_text_index {i} of {len(texts)}")
+        before.setdefault(i, []).append(_mmc4_image(info, j, base, policy))
+    segments: list[dict[str, Any]] = []
+    run: list[str] = []
+    for i, sentence in enumerate(texts):
+        if not isinstance(sentence, str):
+            raise ValueError(f"bad interleaved document: text_list[{i}] is not a string")
+        if i in before:
+            if run:
+                segments.append({"modality": "text", "text": " ".join(run)})
+                run = []
+            segments += before[i]
+        if sentence.strip():  # a blank sentence carries nothing; its images keep their place
+            run.append(sentence)
+    if run:
+        segments.append({"modality": "text", "text": " ".join(run)})
+    return segments
+
+
+def _mmc4_image(info: dict[str, Any], j: int, base: str, policy: UriPolicy) -> dict[str, Any]:
+    """The image of one ``image_info`` entry: the file ``image_name`` when it exists where the record
+    may read (mmc4's downloaded images beside the manifest), else ``raw_url`` (or ``url``), a uri.
+    Only allowed paths are probed, so a record cannot learn what exists elsewhere."""
+    name, url = info.get("image_name") or info.get("path"), info.get("raw_url") or info.get("url")
+    if name is not None and not isinstance(name, str) or url is not None and not isinstance(url, str):
+        raise ValueError(f"bad interleaved document: image_info[{j}] image_name/raw_url is not a string")
+    if not name and not url:
+        raise ValueError(f"bad interleaved document: image_info[{j}] has no image_name, raw_url or url")
+    target = resolve_record_path(name, base) if name else ""
+    local = bool(name) and (not url or (policy.allows(target) and storage.exists(target)))
+    meta = {k: info[k] for k in ("matched_text_index", "matched_sim") if k in info}
+    if name and url:  # where the other reference went
+        meta["raw_url" if local else "image_name"] = url if local else name
+    return {"modality": "image", "value": name if local else url, "meta": meta}
+
+
+def _obelics_segments(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """OBELICS: parallel ``texts``/``images`` lists in document order, exactly one of each pair set."""
+    texts, images = record.get("texts"), record.get("images")
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise ValueError("bad interleaved document: obelics texts and images must be lists")
+    if len(texts) != len(images):
+        raise ValueError(f"interleaved lists differ in length: texts has {len(texts)}, images has {len(images)}")
+    segments: list[dict[str, Any]] = []
+    for i, (text, image) in enumerate(zip(texts, images, strict=True)):
+        if (text is None) == (image is None):
+            both = "neither" if text is None else "both"
+            raise ValueError(f"interleaved pair not exactly one: position {i} has {both}")
+        if text is not None:
+            if not isinstance(text, str):
+                raise ValueError(f"bad interleaved document: texts[{i}] is not a string")
+            if text.strip():  # a blank paragraph carries nothing
+                segments.append({"modality": "text", "text": text})
+            continue
+        if isinstance(image, dict):  # a Hugging Face Image value: {"bytes": ..., "path": ...}
+            image = image.get("bytes") or image.get("path")
+        if not isinstance(image, str | bytes | bytearray):
+            raise ValueError(f"bad interleaved document: images[{i}] is not a url, path or bytes")
+        segments.append({"modality": "image", "value": image})
+    return segments
+
+
 def _plain(value: Any) -> Any:
     """A metadata value as JSON can hold it: what JSON cannot (dates, decimals, bytes in a list) becomes text."""
     try:
@@ -393,6 +633,20 @@ def _plain(value: Any) -> Any:
     except (TypeError, ValueError):
         return str(value)[:1000]
     return value
+
+
+WEB_SCHEMES = ("http://", "https://")
+
+
+def _is_web(value: Any) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(WEB_SCHEMES)
+
+
+def _uri_hint(uri: str) -> str:
+    """What to do about a refused URI, for the ledger's detail."""
+    if _is_web(uri):
+        return "never fetched at ingest: add its prefix to storage.allow_uris to keep it as a uri, or download it first"
+    return "not under the source's root, its allow_paths or storage.allow_uris"
 
 
 def _record_segment(seg: Any, recipe: Recipe, base: str, index: int, policy: UriPolicy) -> Segment:
@@ -407,15 +661,15 @@ def _record_segment(seg: Any, recipe: Recipe, base: str, index: int, policy: Uri
         if len(value) > recipe.max_text_bytes and len(value.encode("utf-8")) > recipe.max_text_bytes:
             raise ValueError(f"text too large: segment #{index}: over {recipe.max_text_bytes} bytes")
         return Segment("text", text=value, meta=meta)
-    if seg.get("uri"):
-        uri = seg["uri"]
+    uri = seg.get("uri") or (value if _is_web(value) else None)  # a web URL is never fetched here
+    if uri:
         if not isinstance(uri, str):
             raise ValueError(f"bad segment: {modality} #{index} uri is not a string")
         target = resolve_record_path(uri, base)
         try:
             policy.check(target)
         except Confined as e:
-            raise ValueError(f"uri not allowed: {uri[:200]}") from e
+            raise ValueError(f"uri not allowed: {uri[:200]} ({_uri_hint(uri)})") from e
         return Segment(modality, uri=target, meta=meta)
     if isinstance(value, bytes | bytearray):
         if not value:
@@ -468,6 +722,156 @@ def _read_jsonl(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Itera
                 continue
             yield _guarded(
                 spec.name, locator, lambda r=record, loc=locator: _record_sample(r, spec, recipe, base, loc, policy)
+            )
+
+
+CSV_TEXT_COLUMNS = ("text", "caption", "TEXT", "name")  # ours, img2dataset, LAION, WebVid
+CSV_URL_COLUMNS = ("url", "URL", "contentUrl")  # img2dataset, LAION, WebVid
+CSV_RESERVED = ("segments", "kind", *MODALITIES)  # record keys a plain column must not play
+
+
+def _csv_rows(f: Any, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """``(offset, row)`` from ``f``'s position; a row ends at a newline outside quotes (an even count
+    of ``"`` since it began: the rule ``_csv_row_starts`` cuts by). A row over ``limit`` bytes comes
+    back as None, read past without being held."""
+    pos = f.tell()
+    while True:
+        start, parts, size, odd = pos, [], 0, 0
+        while True:
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            pos += len(line)
+            size += len(line)
+            odd ^= line.count(b'"') & 1
+            if size <= limit:
+                parts.append(line)
+            if line.endswith(b"\n") and not odd:
+                break
+        if not size:
+            return
+        yield start, b"".join(parts) if size <= limit else None
+
+
+def _csv_fields(row: bytes, delimiter: str) -> list[str]:
+    """One row's fields; raises ValueError for undecodable bytes or broken quoting."""
+    try:
+        text = row.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text is not utf-8: {e}") from e
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as e:
+        raise ValueError(f"malformed csv row: {e}") from e
+    if len(rows) != 1:  # a stray quote in an unquoted field swallowed the lines after it
+        raise ValueError(f"malformed csv row: unbalanced quote, the row spans {len(rows)} rows")
+    return rows[0]
+
+
+def _csv_mapping(header: list[str], spec: SourceSpec) -> tuple[str | None, list[tuple[str, str]]]:
+    """The text column and the ``(column, modality)`` media columns: the source's ``columns`` option,
+    else detected from the header (``text``/``caption``/``TEXT``/``name``; ``url``/``URL``/``contentUrl``
+    as images, as videos when there is a ``videoid`` column; ``image``/``video``/``audio`` as named)."""
+    if len(set(header)) != len(header) or not any(header):
+        raise ValueError(f"bad csv header: empty or repeated column names: {header[:20]}")
+    columns = spec.options.get("columns") or {}
+    for key in ("text", "url"):
+        if columns.get(key) and columns[key] not in header:
+            raise ValueError(f"column not found: columns.{key} {columns[key]!r} is not in {header[:20]}")
+    text = columns.get("text") or next((c for c in CSV_TEXT_COLUMNS if c in header), None)
+    url = columns.get("url") or next((c for c in CSV_URL_COLUMNS if c in header), None)
+    modality = columns.get("modality") or ("video" if "videoid" in header else "image")
+    media = [(url, modality)] if url else []
+    media += [(c, c) for c in ("image", "video", "audio") if c in header and c not in (url, text)]
+    return text, media
+
+
+def _csv_record(fields: list[str], header: list[str], text: str | None, media: list[tuple[str, str]]) -> dict[str, Any]:
+    if len(fields) != len(header):
+        raise ValueError(f"malformed csv row: {len(fields)} fields, the header has {len(header)}")
+    return _columns_record(dict(zip(header, fields, strict=True)), text, media)
+
+
+def _columns_record(values: dict[str, Any], text: str | None, media: list[tuple[str, str]]) -> dict[str, Any]:
+    """A row of named columns (a CSV row, a LAION-style Parquet row) as a record with ``segments``:
+    the media cells, then the caption; the other columns are metadata."""
+
+    def cell(column: str) -> Any:
+        v = values.get(column)
+        return v if isinstance(v, str) and v.strip() or isinstance(v, bytes | bytearray) and v else None
+
+    segments = [{"modality": m, "value": cell(c)} for c, m in media if cell(c) is not None]
+    if media and not segments:
+        raise ValueError(f"empty media cell: column {', '.join(c for c, _ in media)}")
+    segments.sort(key=lambda seg: FOREIGN_ORDER.index(seg["modality"]))
+    if text is not None and isinstance(cell(text), str):
+        segments.append({"modality": "text", "text": values[text]})
+    if not segments:
+        raise ValueError(f"empty record: no text or media cell (columns {list(values)[:20]}; set the source's columns)")
+    used = {text, *(c for c, _ in media)}
+    record = {f"{k}_column" if k in CSV_RESERVED else k: v for k, v in values.items() if k not in used}
+    return {**record, "segments": segments}
+
+
+def _mapped(record: dict[str, Any], spec: SourceSpec) -> dict[str, Any] | None:
+    """A JSONL/Parquet record of named columns (img2dataset ``url``/``caption``, LAION ``URL``/``TEXT``)
+    mapped as a CSV row is; None when it has shorthand fields, or no URL column and no ``columns`` option."""
+    if any(record.get(m) is not None for m in MODALITIES):
+        return None
+    if not spec.options.get("columns") and not any(c in record for c in CSV_URL_COLUMNS):
+        return None
+    values = {str(k): v for k, v in record.items()}
+    text, media = _csv_mapping(list(values), spec)
+    return _columns_record(values, text, media)
+
+
+def _read_csv(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
+    """The rows whose first byte lies in the unit's range; the header (the file's first row) names the
+    columns. When the header cannot be read (or lacks a configured column) every row is a reject with
+    that reason: rows are still split, so each is counted."""
+    path, start, end = unit["path"], unit["start"], unit["end"]
+    base, where = posixpath.dirname(path), _relative(spec, path)
+    delimiter = str(spec.options.get("delimiter") or ("\t" if path.lower().endswith(".tsv") else ","))
+    limit = recipe.max_text_bytes
+    csv.field_size_limit(max(csv.field_size_limit(), limit))  # a row is bounded by limit already
+    policy = _record_policy(spec, recipe, path)
+    with storage.open_read(path) as f:
+        first = next(_csv_rows(f, limit), None)
+        if first is None:
+            return  # an empty file holds no input
+        header: list[str] = []
+        text, media, refused = None, [], None  # refused: (reason, detail) of a header no row can be read by
+        try:
+            if first[1] is None:
+                raise ValueError(f"bad csv header: over {limit} bytes")
+            try:
+                header = _csv_fields(first[1], delimiter)
+            except ValueError as e:
+                raise ValueError(f"bad csv header: {e}") from e
+            text, media = _csv_mapping(header, spec)
+        except ValueError as e:
+            reason, _, detail = str(e).partition(": ")
+            refused = (reason, detail)
+        if start > 0:
+            f.seek(start)
+        for offset, row in _csv_rows(f, limit):
+            if offset >= end:
+                break
+            locator = f"{where}@{offset}"
+            if refused is not None and (row is None or row.strip()):
+                yield _reject(spec.name, locator, *refused)
+                continue
+            if row is None:
+                yield _reject(spec.name, locator, "csv row too long", f"over {limit} bytes")
+                continue
+            if not row.strip():
+                continue
+            yield _guarded(
+                spec.name,
+                locator,
+                lambda r=row, loc=locator: _record_sample(
+                    _csv_record(_csv_fields(r, delimiter), header, text, media), spec, recipe, base, loc, policy
+                ),
             )
 
 
