@@ -1,19 +1,25 @@
 """The ``langid`` operator against calling fastText's ``predict`` directly, same texts, same model.
 
 Ours takes an Arrow batch of samples and does everything a pipeline needs: flatten segments, find
-the text ones, replace newlines, one batched ``predict``, per-sample language by characters, and
-the per-segment list columns. Bare fastText gets the texts as a Python list and, as it must
-(``predict`` refuses a newline), replaces newlines first; it builds no columns.
-Repeats alternate between the two and the best of each counts.
+the text ones, replace newlines, one batched ``predict`` (top 3), the script rules (Arrow regex),
+lingua on the short or unsure texts, per-sample language by characters, and the per-segment list
+columns. Bare fastText gets the texts as a Python list and, as it must (``predict`` refuses a
+newline), replaces newlines first; it builds no columns. Three rows, each on its own texts:
+documents (few go to lingua), the same without the lingua pass (its cost), and short captions
+(all go to lingua: the worst case). Each row's contenders run in turns, one thread each
+(fastText's ``predict`` and lingua's sequential call are single-threaded), best of the repeats.
 """
 
 from __future__ import annotations
 
-from bench.common import Row, best_time, main, result
+from bench.common import Row, best_times, main, result
 from filters.dedup.planted import real_documents
 from filters.langid import LangId, load_model
-from pipelines.demo_data import MULTILINGUAL
+from pipelines.demo_data import MULTILINGUAL, PHOTOS
 from shards.schema import Segment, make_sample, samples_table
+
+CAPTIONS = ["今天天气很好", "東京で会いましょう", "서울에서 만나요", "A dog on the beach", "Ein Hund am Strand",
+            "Un chien sur la plage", "Собака на пляже", "كلب على الشاطئ", "समुद्र तट पर कुत्ता"]  # fmt: skip
 
 
 def texts(n: int) -> list[str]:
@@ -22,27 +28,38 @@ def texts(n: int) -> list[str]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
+def captions(n: int) -> list[str]:
+    """Short captions: the demo's photo captions and snippets in nine languages."""
+    pool = list(PHOTOS.values()) + CAPTIONS
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _row(stage: str, op: LangId, model, docs: list[str], repeats: int, notes: str) -> Row:
+    table = samples_table(make_sample("bench", "text", [Segment("text", text=t)], f"b/{i}") for i, t in enumerate(docs))
+    op(table.slice(0, 100))  # warm-up: lingua loads the models of the scripts it meets
+    times = best_times(
+        {
+            "ours": lambda: op(table),
+            "bare": lambda: model.predict([t.replace("\n", " ") for t in docs], k=1),
+        },
+        repeats,
+    )
+    chars = sum(len(t) for t in docs) / len(docs)
+    n = len(docs)
+    return result(stage, "texts/s", n / times["ours"], n / times["bare"], f"{notes}; {chars:.0f} chars/text")
+
+
 def run(quick: bool = False) -> list[Row]:
     n, repeats = (5000, 3) if quick else (50_000, 5)
-    docs = texts(n)
-    table = samples_table(make_sample("bench", "text", [Segment("text", text=t)], f"b/{i}") for i, t in enumerate(docs))
-    op = LangId()
-    op.setup()
     model = load_model()
-    op(table.slice(0, 100))  # warm-up
-    t_ours = t_bare = float("inf")
-    for _ in range(repeats):  # interleaved, so a busy machine slows both sides alike
-        t_ours = min(t_ours, best_time(lambda: op(table), 1))
-        t_bare = min(t_bare, best_time(lambda: model.predict([t.replace("\n", " ") for t in docs], k=1), 1))
-    chars = sum(len(t) for t in docs) / n
+    full, fast_only = LangId(), LangId(second_opinion=False)
+    full.setup()
+    fast_only.setup()
+    docs, short = texts(n), captions(n // 5)
     return [
-        result(
-            "langid",
-            "texts/s",
-            n / t_ours,
-            n / t_bare,
-            f"bare=fastText predict(list), newlines replaced; {chars:.0f} chars/text",
-        )
+        _row("langid", full, model, docs, repeats, "bare=fastText predict(list), newlines replaced"),
+        _row("langid-no-lingua", fast_only, model, docs, repeats, "same texts, script rules only (lingua's cost)"),
+        _row("langid-captions", full, model, short, repeats, "short captions: every text goes to lingua"),
     ]
 
 
