@@ -3,7 +3,8 @@
 - text: the LLM tokenizer's ids.
 - image: Qwen2-VL ``smart_resize`` to 28-px multiples within the pixel cap, then one token per
   28×28 area (14-px patches merged 2×2); plus start and end markers.
-- video: frames at 1 fps, at most 32, each an image within the per-frame cap; plus start/end.
+- video: frames at 1 fps (t = 0, 1, ... up to the last partial second), at most 32, each an image
+  within the per-frame cap; plus start/end.
 - audio: 12.5 tokens per second (Whisper's 100 Hz mel, conv stride 2, 4× pooling); plus start/end.
 
 The caps follow the released config (``max_pixels`` 3,211,264 per image, 602,112 per video frame);
@@ -38,10 +39,17 @@ def fit_pixels(
     return w, h
 
 
+def grid_frame_count(duration: float, fps: float = 1.0) -> int:
+    """Frames on the ``fps`` grid of a clip: one at every t = k/fps inside it (0, 1, ..., ceil(d·fps)-1 s),
+    so a last partial second has its frame and every instant is less than 1/fps after one (at least 1).
+    The product is rounded first: 0.3 s at 10 fps is 3 steps, not ``ceil(3.0000000000000004)``."""
+    return max(1, math.ceil(round(duration * fps, 6)))
+
+
 def video_frame_count(duration: float, fps: float = 1.0, max_frames: int = 32) -> int:
-    """How many frames ``sample_frames`` returns for a clip of ``duration`` seconds (ffmpeg's fps
-    filter rounds to the nearest frame; a clip shorter than half a frame still gives one)."""
-    return min(max_frames, max(1, math.floor(duration * fps + 0.5)))
+    """How many frames ``sample_frames`` (and each clip in ``clip_frames``) returns for ``duration``
+    seconds: the grid's frames, uniformly thinned to ``max_frames``. Counted here, decoded there."""
+    return min(max_frames, grid_frame_count(duration, fps))
 
 
 MARKERS = 2  # <x_start> ... <x_end> around every media segment

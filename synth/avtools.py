@@ -18,18 +18,19 @@ import tempfile
 import wave
 from collections.abc import Iterator, Sequence
 
-import ffmpeg
 import numpy as np
 
 from synth.media import (
     _TMP_DIR,
     DEFAULT_TIMEOUT_S,
-    SCALE_FLAGS,
     MediaError,
     decode_audio,
+    fit_grid,
     fit_pixels,
+    grid_frames_stream,
     probe_file,
     summarize_probe,
+    thin_index,
     tool_error,
 )
 
@@ -135,7 +136,9 @@ def clip_frames(
     """(uint8 RGB frames ``[n, h, w, 3]``, their times in seconds) of ``[start, end)`` at ``fps``.
 
     Like ``synth.media.sample_frames`` (1 fps, at most ``max_frames``, each within ``max_pixels``)
-    for one clip of a long video; the times say where each frame sits in the whole video."""
+    for one clip of a long video: the frame on screen at start + k/fps for every such time in the clip,
+    its last partial second included, so clips of whole seconds tile the video's own 1 fps grid. The
+    times say where each frame sits in the whole video."""
     with _scratch_dir() as d:
         path = os.path.join(d, "in")
         with open(path, "wb") as f:
@@ -147,23 +150,15 @@ def clip_frames(
         seek = {"ss": start} if start else {}
         if end is not None:
             seek["t"] = max(end - start, 1.0 / fps)
-        span = (end if end is not None else info.get("duration", 1)) - start
-        stream = (
-            ffmpeg.input(path, flags="+bitexact", **seek)  # decoders' exact IDCTs (MPEG-4, MJPEG)
-            .filter("fps", fps=fps, start_time=0, round="up" if span * fps < 0.5 else "near")
-            .filter("scale", width, height, flags=SCALE_FLAGS)
-            .output("-", format="rawvideo", pix_fmt="rgb24")
-            .global_args("-nostdin", "-v", "error")
-        )
-        proc = _run(stream.compile(), timeout_s)
+        stop = end if end is not None else info.get("duration")
+        span = None if stop is None else max(stop - start, 0.0)
+        proc = _run(grid_frames_stream(path, width, height, fps, **seek).compile(), timeout_s)
     frames = np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
         raise MediaError("no frames decoded", f"clip {start}-{end}")
-    index = np.arange(len(frames))
-    if len(frames) > max_frames:
-        index = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
-        frames = frames[index]
-    return frames, np.round(start + index / fps, 3)
+    frames = fit_grid(frames, span, fps)
+    index = thin_index(len(frames), max_frames)
+    return frames[index], np.round(start + index / fps, 3)
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

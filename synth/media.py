@@ -18,7 +18,7 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
-from shards.tokens import fit_pixels, video_frame_count  # noqa: F401 - the frame rules live with the token rules
+from shards.tokens import fit_pixels, grid_frame_count, video_frame_count  # noqa: F401 - frame rules live with token rules
 
 DEFAULT_TIMEOUT_S = 30.0
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -153,6 +153,39 @@ def decode_audio(data: bytes, sample_rate: int = 16_000, timeout_s: float = DEFA
     return np.frombuffer(proc.stdout, dtype=np.float32).copy()
 
 
+def grid_frames_stream(path: str, width: int, height: int, fps: float, **seek: float) -> Any:
+    """ffmpeg graph for the frame on screen at every t = k/fps (``round=up``: a frame's time rounds up
+    onto the grid, so t=k gets the last frame shown at or before k). ``round=near`` took the frame from
+    k + 0.5/fps and dropped a last partial second of up to half a step; frames keep the exact IDCTs."""
+    return (
+        ffmpeg.input(path, flags="+bitexact", **seek)  # decoders' exact IDCTs (MPEG-4, MJPEG)
+        .filter("fps", fps=fps, start_time=0, round="up")
+        .filter("scale", width, height, flags=SCALE_FLAGS)
+        .output("-", format="rawvideo", pix_fmt="rgb24")
+        .global_args("-nostdin", "-v", "error")
+    )
+
+
+def fit_grid(frames: np.ndarray, span: float | None, fps: float) -> np.ndarray:
+    """``frames`` cut or held to ``grid_frame_count(span)``, the count token accounting charges.
+
+    ffmpeg ends the grid where the video stream ends; the probed duration (the container's, rounded to
+    ms) can differ by a step. Past the stream's end its last frame stays on screen, so it is repeated."""
+    if span is None or len(frames) == 0:
+        return frames
+    n = grid_frame_count(span, fps)
+    if len(frames) < n:
+        return np.concatenate([frames, np.repeat(frames[-1:], n - len(frames), axis=0)])
+    return frames[:n]
+
+
+def thin_index(n: int, max_frames: int) -> np.ndarray:
+    """Indices of at most ``max_frames`` of ``n`` grid frames, uniform and keeping the first and the last."""
+    if n <= max_frames:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_frames).round().astype(int)
+
+
 def sample_frames(
     data: bytes,
     fps: float = 1.0,
@@ -162,19 +195,15 @@ def sample_frames(
 ) -> np.ndarray:
     """Frames at ``fps`` (uniformly thinned to ``max_frames``) as uint8 RGB ``[n, h, w, 3]``.
 
-    Defaults follow the paper: 1 fps, at most 32 frames, each within the per-frame pixel budget."""
+    Defaults follow the paper: 1 fps, at most 32 frames, each within the per-frame pixel budget. The
+    frames are those on screen at t = 0, 1, ..., ceil(d)-1 s, so the last partial second is seen and
+    ``n == video_frame_count(duration)``, what ``count_tokens`` charged for this video."""
     with spilled(data) as path:
         info = summarize_probe(probe_file(path, timeout_s))
         if "video_codec" not in info:
             raise MediaError("no video stream", str(info.get("container")))
         width, height = fit_pixels(int(info["width"]), int(info["height"]), max_pixels)
-        stream = (
-            ffmpeg.input(path, flags="+bitexact")
-            .filter("fps", fps=fps, start_time=0, round="up" if info.get("duration", 1) * fps < 0.5 else "near")
-            .filter("scale", width, height, flags=SCALE_FLAGS)
-            .output("-", format="rawvideo", pix_fmt="rgb24")
-            .global_args("-v", "error")
-        )
+        stream = grid_frames_stream(path, width, height, fps)
         try:
             proc = subprocess.run(stream.compile(), capture_output=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired as e:
@@ -184,6 +213,5 @@ def sample_frames(
     frames = np.frombuffer(proc.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
     if len(frames) == 0:
         raise MediaError("no frames decoded", "video shorter than its first frame interval")
-    if len(frames) > max_frames:
-        frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
-    return frames
+    frames = fit_grid(frames, info.get("duration"), fps)
+    return frames[thin_index(len(frames), max_frames)]

@@ -159,7 +159,8 @@ class Keyframes(Operator):
 
     Params: ``fps`` (1), ``max_frames`` per clip (32), ``max_pixels`` per frame (602,112), ``jpeg_quality``,
     ``timeout_s`` per ffmpeg call, ``threads``. Clips come from ``probe``'s ``clips``; without them the
-    whole video is one clip."""
+    whole video is one clip. A keyframe's ``t`` is when it is on screen: t = 0, 1, ... up to the clip's
+    last partial second (``clip_frames``), the frames ``count_tokens`` charges for the video."""
 
     name = "keyframes"
     resources = Resources(cpus=1)
