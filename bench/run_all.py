@@ -6,6 +6,7 @@ from bench import (
     asr_bench,
     caption_bench,
     dedup_bench,
+    download_bench,
     e2e_bench,
     langid_bench,
     shards_bench,
@@ -24,6 +25,7 @@ MODULES = (
     trainer_bench,
     dedup_bench,
     langid_bench,
+    download_bench,
     e2e_bench,
 )
 
