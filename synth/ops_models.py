@@ -47,8 +47,13 @@ class Transcribe(Operator):
     The multilingual ``model`` detects the spoken language of every clip (``meta.lang``, ``meta.lang_prob``
     and ``asr.language``), because an English-only whisper calls everything English. Speech detected as
     English goes to ``english_model`` (``"tiny.en"``: the packaged one; a path; ``null``: ``model`` itself),
-    the rest to ``model``; a language outside ``languages`` (a list; ``null`` allows all) is rejected as
-    ``language not supported by model``. Every transcript is scored for whisper's loops (``asr.guard``)
+    the rest to ``model`` (``"base"``, the default, or a local CTranslate2 whisper directory).
+    A detection under ``min_language_probability`` is unsure: the clip never goes to the English-only
+    model, and its ``meta.lang`` is ``und`` (``asr.language`` keeps whisper's guess and probability).
+    A language outside ``languages`` (a list; ``null`` allows all) is rejected as
+    ``language not supported by model``. Mandarin transcripts are written in ``chinese_script``
+    (``simplified``, the paper's corpus; ``traditional``; ``null``: as whisper wrote them, which mixes both).
+    Every transcript is scored for whisper's loops (``asr.guard``)
     and rejected as ``hallucinated transcript`` above ``max_compression_ratio``, ``max_repeated_ngram_ratio``
     or ``max_no_speech_prob`` (``null`` only scores). ``channels: split`` transcribes the two channels of
     a stereo file with distinct content apart (``asr.channels``: one transcript each, left then right).
@@ -64,6 +69,7 @@ class Transcribe(Operator):
         "max_compression_ratio": (0, None),
         "max_repeated_ngram_ratio": (0, 1),
         "max_no_speech_prob": (0, 1),
+        "min_language_probability": (0, 1),
     }
 
     def __init__(
@@ -71,6 +77,8 @@ class Transcribe(Operator):
         model: str | None = None,
         english_model: str | None = "tiny.en",
         languages: list[str] | None = None,
+        min_language_probability: float | None = 0.5,
+        chinese_script: Literal["simplified", "traditional"] | None = "simplified",
         max_compression_ratio: float | None = 2.4,
         max_repeated_ngram_ratio: float | None = 0.5,
         max_no_speech_prob: float | None = 0.8,
@@ -86,10 +94,14 @@ class Transcribe(Operator):
     ) -> None:
         if channels not in ("mix", "split"):
             raise ValueError(f"channels must be 'mix' or 'split', got {channels!r}")
+        if chinese_script not in ("simplified", "traditional", None):
+            raise ValueError(f"chinese_script must be 'simplified', 'traditional' or null, got {chinese_script!r}")
         super().__init__(
             model=model,
             english_model=english_model,
             languages=languages,
+            min_language_probability=min_language_probability,
+            chinese_script=chinese_script,
             max_compression_ratio=max_compression_ratio,
             max_repeated_ngram_ratio=max_repeated_ngram_ratio,
             max_no_speech_prob=max_no_speech_prob,
@@ -105,6 +117,8 @@ class Transcribe(Operator):
         )
         self.timeout_s, self.overwrite = float(timeout_s), bool(overwrite)
         self.languages = None if languages is None else {str(lang) for lang in languages}
+        self.min_language_probability = float(min_language_probability or 0.0)
+        self.chinese: Any = None
         self.limits = {
             "compression_ratio": max_compression_ratio,
             "repeated_ngram_ratio": max_repeated_ngram_ratio,
@@ -134,6 +148,10 @@ class Transcribe(Operator):
             self.english = Transcriber(english_dir, **common)
         self.label = _model_label(self.transcriber.model_dir)
         self.english_label = _model_label(self.english.model_dir)
+        if p["chinese_script"]:
+            from opencc import OpenCC
+
+            self.chinese = OpenCC("t2s" if p["chinese_script"] == "simplified" else "s2t")
 
     def _targets(self, rows: list[list[dict[str, Any]]]) -> list[tuple[int, int, int]]:
         """(row, segment to annotate, segment to read audio from) for every segment that needs a transcript."""
@@ -170,16 +188,26 @@ class Transcribe(Operator):
         out: list[tuple[Any, str] | str] = [
             f"detected {lang!r} (p={prob:.2f}); languages: {allowed}" for lang, prob in detected
         ]
-        english = [i for i, (lang, _) in enumerate(detected) if lang == "en" and self._allowed(lang)]
-        other = [i for i, (lang, _) in enumerate(detected) if lang != "en" and self._allowed(lang)]
+        sure = [prob >= self.min_language_probability for _, prob in detected]
+        english = [i for i, (lang, _) in enumerate(detected) if lang == "en" and sure[i] and self._allowed(lang)]
+        routed = set(english)
+        other = [i for i, (lang, _) in enumerate(detected) if i not in routed and self._allowed(lang)]
         for members, transcriber, label in (
             (english, self.english, self.english_label),
             (other, self.transcriber, self.label),
         ):
             found = transcriber.transcribe_many([clips[i] for i in members], [detected[i] for i in members])
             for i, tr in zip(members, found, strict=True):
-                out[i] = (tr, label)
+                out[i] = (self._script(tr), label)
         return out
+
+    def _script(self, tr: Any) -> Any:
+        """``tr`` with its Mandarin text in ``chinese_script``: whisper writes simplified and traditional alike."""
+        if self.chinese is None or tr.language != "zh":
+            return tr
+        tr.text = self.chinese.convert(tr.text)
+        tr.segments = [{**s, "text": self.chinese.convert(s["text"])} for s in tr.segments]
+        return tr
 
     def _allowed(self, language: str) -> bool:
         return not language or self.languages is None or language in self.languages
@@ -237,6 +265,8 @@ class Transcribe(Operator):
             )
             lang = best["language"] or None  # no speech: no language
             prob = best["language_probability"] if lang else None
+            if lang and prob < self.min_language_probability:
+                lang = "und"  # whisper's guess stays in asr.language; a language filter must not trust it
             rows[r][i] = with_meta(rows[r][i], asr=asr, lang=lang, lang_prob=prob)
         return with_rejections(replace_samples(batch, rows), reasons, details)
 

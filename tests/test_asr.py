@@ -43,7 +43,8 @@ def test_default_model_is_the_packaged_tiny_en() -> None:
 
 def test_multilingual_base_is_assembled_from_its_two_packages(transcribe) -> None:
     path = Path(whisper_multilingual_dir())
-    parts = sorted(f for p in WHISPER_MULTILINGUAL_PACKAGES for f in (_package_dir(p) / "data").glob("model.bin.*"))
+    dirs = [_package_dir(p) / "data" for p in WHISPER_MULTILINGUAL_PACKAGES["base"]]
+    parts = sorted(f for d in dirs for f in d.glob("model.bin.*"))
     assert len(parts) == 2
     assert (path / "model.bin").stat().st_size == sum(f.stat().st_size for f in parts)
     assert whisper_multilingual_dir() == str(path)  # assembled once, then reused
@@ -214,3 +215,14 @@ def test_long_form_keeps_the_words_at_window_boundaries(transcribe) -> None:
     assert not dropped, dropped
     assert len(ours) >= len(sequential) - 1
     assert word_error_rate(STORY, " ".join(ours)) <= 0.15
+
+
+def test_an_unsure_detection_is_und_and_skips_the_english_only_model() -> None:
+    clips = {"en": _wav(espeak_clip(ENGLISH, "en-us"))}
+    strict = get_operator("transcribe")(min_language_probability=0.999)
+    kept, rejected = split_rejected(strict(_audio_table(clips)))
+    assert rejected is None
+    meta = loads_meta(_by_locator(kept)["en"]["segments"][0]["meta"])
+    assert meta["lang"] == "und" and meta["asr"]["language"] == "en" and meta["lang_prob"] < 0.999
+    assert meta["asr"]["model"].startswith("whisper-base")  # the multilingual model, not tiny.en
+    assert word_error_rate(ENGLISH, meta["asr"]["text"]) <= 0.3

@@ -297,3 +297,23 @@ def test_a_refused_connection_is_retried_then_ledgered() -> None:
         "download failed",
         f"ConnectionRefusedError: [Errno 111] Connection refused after 2 attempts ({url})",
     )
+
+
+def test_on_failure_drop_keeps_a_document_without_its_dead_images(server: Server) -> None:
+    b = base(server)
+    coffee, dead = f"{b}img/coffee.jpg", f"{b}img/nope.jpg"
+    docs = [
+        [Segment("text", text="早上好。"), Segment("image", uri=dead), Segment("image", uri=coffee)],
+        [Segment("text", text="Only a dead image here."), Segment("image", uri=dead)],
+    ]
+    table = samples_table(make_sample("web", "interleaved_image_text", d, f"doc{k}") for k, d in enumerate(docs))
+    assert [r for r, _ in outcomes(op(server)(table))] == ["download failed"] * 2  # reject: the default
+    result = op(server, on_failure="drop")(table)
+    assert outcomes(result) == [(None, None), ("download failed", f"HTTP 404 ({dead})")]
+    kept = result["segments"][0].as_py()
+    assert [s["modality"] for s in kept] == ["text", "image"] and kept[1]["bytes"] == PHOTOS["coffee"]
+    assert loads_meta(result["meta"][0].as_py())["download_failed"] == [
+        {"segment": 1, "url": dead, "reason": "download failed", "status": 404}
+    ]
+    with pytest.raises(ValueError, match="on_failure"):
+        op(server, on_failure="skip")
