@@ -133,9 +133,10 @@ SCHEMA: dict[str, dict[str, Kind]] = {
         "allow_paths": "list:text",
         "columns": "csv_columns",  # csv: which columns hold the caption and the media URL or path
         "delimiter": (",", "\t", ";", "|"),  # csv: default "\t" for .tsv, else ","
+        "header": ("auto", True, False),  # csv: is the first row the header (false: columns.names names them)
         "layout": ("auto", "mmc4", "obelics"),  # jsonl/parquet records: interleaved document layout
     },
-    "csv_columns": {"text": "text", "url": "text", "modality": ("image", "audio", "video")},
+    "csv_columns": {"text": "text", "url": "text", "modality": ("image", "audio", "video"), "names": "list:text"},
     "step": {"op": "text", "params": "mapping"},
     "shards": {"max_samples": "count", "max_bytes": "size", "max_inline_bytes": "size"},
     "limits": {f.name: "size" if f.name.endswith("bytes") else "count" for f in fields(Limits)},
@@ -166,7 +167,7 @@ HINTS = {  # unknown keys a user is likely to try, with where they go instead
     "resources": "operator resources are not configurable in a recipe yet",
 }
 # source keys kept in ``SourceSpec.options``
-SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "layout")
+SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "header", "layout")
 
 
 def _show(value: Any) -> str:

@@ -8,10 +8,19 @@ plain JSON dict so it can be stored in the run's plan and shipped to Ray.
 - ``jsonl``: one record per line, split into byte ranges; a line belongs to the range its first
   byte is in.
 - ``parquet``: one unit per row group; a file whose footer cannot be read is one unit of one reject.
-- ``webdataset``: one unit per tar (``.tar``, or gzip/bzip2/xz compressed), ours or foreign
+- ``webdataset``: one unit per tar (``.tar``, or gzip/bzip2/xz/zstd compressed), ours or foreign
   (img2dataset/video2dataset layout).
 - ``csv``: ``.csv``/``.tsv`` manifests with a header (img2dataset ``url,caption``, WebVid
-  ``videoid,contentUrl,...,name``), split into byte ranges at row starts; a row is a record.
+  ``videoid,contentUrl,...,name``), split into byte ranges at row starts; a row is a record. Without
+  a header (``header: false``), ``columns.names`` names the columns in order; with ``header: auto``
+  (the default) the first row is the header, or, when ``columns.names`` is given, only if it holds
+  exactly those names.
+
+JSONL and CSV/TSV manifests may come compressed (``urls.csv.gz``, ``docs.jsonl.zst``: gzip, bzip2,
+xz, zstd, by the last suffix). A compressed file cannot be sought into, so it is one unit, read as
+a stream: offsets in its locators count decompressed bytes, a line or row is bounded by
+``max_text_bytes`` as in a plain file, and where the stream breaks (``corrupt gzip``) is one reject
+after the rows before it.
 
 Nothing in a source folder is skipped silently: files a source type does not read (a ``.txt`` in a
 ``webdataset`` folder), entries that resolve outside the folder, and directories that cannot be
@@ -36,35 +45,51 @@ input claims to be its id is kept as ``meta.claimed_id``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.recipe import Recipe, RecipeError, SourceSpec
 from shards import safejson, storage
-from shards.codec import FOREIGN_ORDER, JSON_ENVELOPE_DEPTH, MODALITY_OF_EXT
+from shards.codec import (
+    COMPRESSIONS,
+    DECOMPRESS_ERRORS,
+    FOREIGN_ORDER,
+    JSON_ENVELOPE_DEPTH,
+    MODALITY_OF_EXT,
+    compression_of,
+    decompressing,
+)
 from shards.confine import Confined, UriPolicy, confine_local, resolve_record_path
 from shards.reader import Record, Reject, TarBounds, iter_records
 from shards.schema import KINDS, MODALITIES, Segment, kind_for, locator_id, make_sample, printable
 
 SIDECAR_EXTS = ("json",)
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+
+
+def _or_compressed(suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    return (*suffixes, *(f"{s}.{c}" for s in suffixes for c in COMPRESSIONS))
+
+
 SUFFIXES = {
-    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "jsonl": _or_compressed((".jsonl", ".json", ".ndjson")),
     "parquet": (".parquet",),
     "webdataset": TAR_SUFFIXES,
-    "csv": (".csv", ".tsv"),
+    "csv": _or_compressed((".csv", ".tsv")),
 }
 PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
@@ -279,6 +304,9 @@ def _plan_jsonl(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]
     files, unread = _plan_files(spec, recipe)
     units = []
     for f in files:
+        if compression_of(f):
+            units.append(WHOLE_STREAM | {"path": f})
+            continue
         total = storage.size(f)
         for start in range(0, max(total, 1), spec.unit_bytes):
             units.append({"path": f, "start": start, "end": min(start + spec.unit_bytes, total)})
@@ -286,6 +314,7 @@ def _plan_jsonl(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]
 
 
 CSV_CHUNK = 4 << 20  # bytes the row-start scan reads at a time
+WHOLE_STREAM = {"start": 0, "end": None}  # a compressed manifest: one unit, read to its end
 
 
 def _plan_csv(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
@@ -293,8 +322,13 @@ def _plan_csv(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
     on every quote before it: a file longer than ``unit_bytes`` is scanned once here (quotes counted
     at C speed per chunk), and readers split rows by the same rule (``_csv_rows``), so they agree."""
     files, unread = _plan_files(spec, recipe)
+    if _csv_header_mode(spec) is False and not _csv_names(spec):
+        raise RecipeError(f"source {spec.name!r}: header: false needs columns.names (the column names, in order)")
     units = []
     for f in files:
+        if compression_of(f):
+            units.append(WHOLE_STREAM | {"path": f})
+            continue
         total = storage.size(f)
         cuts = [0, *_csv_row_starts(f, spec.unit_bytes, total), total] if total else [0, 0]
         units += [{"path": f, "start": a, "end": b} for a, b in zip(cuts, cuts[1:], strict=False) if a < b or not total]
@@ -685,28 +719,69 @@ def _record_segment(seg: Any, recipe: Recipe, base: str, index: int, policy: Uri
     raise ValueError(f"bad segment: {modality} #{index} has no path, uri or bytes")
 
 
+@contextlib.contextmanager
+def _open_manifest(path: str) -> Iterator[IO[bytes]]:
+    """A manifest's bytes: the file, or the stream it decompresses to when its name says it is compressed."""
+    compression = compression_of(path)
+    with storage.open_read(path) as f:
+        if compression is None:
+            yield f
+            return
+        with decompressing(f, compression) as stream:
+            yield stream
+
+
+class _Broken(Exception):
+    """A compressed manifest's stream broke while the line or row at ``offset`` was being read."""
+
+    def __init__(self, offset: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.offset = offset
+        self.error = error
+
+
+def _broken_reject(spec: SourceSpec, path: str, e: _Broken) -> Record:
+    """The reject standing for a compressed manifest from where its stream broke to its end."""
+    compression = COMPRESSIONS[compression_of(path) or ""]
+    detail = f"{type(e.error).__name__}: {e.error}"
+    return _reject(spec.name, f"{_relative(spec, path)}@{e.offset}", f"corrupt {compression}", detail)
+
+
 def _read_jsonl(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
+    path = unit["path"]
+    try:
+        yield from _jsonl_records(unit, spec, recipe)
+    except _Broken as e:
+        yield _broken_reject(spec, path, e)
+
+
+def _jsonl_records(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
+    """The lines whose first byte lies in the unit's range (``end`` None: to the end of the stream)."""
     path, start, end = unit["path"], unit["start"], unit["end"]
     base = posixpath.dirname(path)
     policy = _record_policy(spec, recipe, path)
     limits = recipe.limits
-    with storage.open_read(path) as f:
+    broken = DECOMPRESS_ERRORS if compression_of(path) else ()
+    with _open_manifest(path) as f:
         if start > 0:
             f.seek(start - 1)
             f.readline()  # the line holding byte start-1 belongs to the previous unit
-        pos = f.tell()
-        while pos < end or (start == end == 0 and pos == 0):
-            line = f.readline(recipe.max_text_bytes + 1)
-            if not line:
-                break
-            locator = f"{_relative(spec, path)}@{pos}"
-            pos += len(line)
-            if len(line) > recipe.max_text_bytes and not line.endswith(b"\n"):
-                while line and not line.endswith(b"\n"):  # skip the rest without holding it
-                    line = f.readline(1 << 20)
-                    pos += len(line)
-                yield _reject(spec.name, locator, "line too long", f"over {recipe.max_text_bytes} bytes")
-                continue
+        pos = f.tell() if start > 0 else 0  # a decompressing stream cannot tell
+        while end is None or pos < end or (start == end == 0 and pos == 0):
+            line_at, locator = pos, f"{_relative(spec, path)}@{pos}"
+            try:
+                line = f.readline(recipe.max_text_bytes + 1)
+                if not line:
+                    break
+                pos += len(line)
+                if len(line) > recipe.max_text_bytes and not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):  # skip the rest without holding it
+                        line = f.readline(1 << 20)
+                        pos += len(line)
+                    yield _reject(spec.name, locator, "line too long", f"over {recipe.max_text_bytes} bytes")
+                    continue
+            except broken as e:
+                raise _Broken(line_at, e) from e
             if not line.strip():
                 continue
             try:
@@ -730,15 +805,20 @@ CSV_URL_COLUMNS = ("url", "URL", "contentUrl")  # img2dataset, LAION, WebVid
 CSV_RESERVED = ("segments", "kind", *MODALITIES)  # record keys a plain column must not play
 
 
-def _csv_rows(f: Any, limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """``(offset, row)`` from ``f``'s position; a row ends at a newline outside quotes (an even count
-    of ``"`` since it began: the rule ``_csv_row_starts`` cuts by). A row over ``limit`` bytes comes
-    back as None, read past without being held."""
-    pos = f.tell()
+def _csv_rows(
+    f: Any, limit: int, pos: int, broken: tuple[type[BaseException], ...] = ()
+) -> Iterator[tuple[int, bytes | None]]:
+    """``(offset, row)`` from ``f``'s position ``pos``; a row ends at a newline outside quotes (an even
+    count of ``"`` since it began: the rule ``_csv_row_starts`` cuts by). A row over ``limit`` bytes
+    comes back as None, read past without being held. A ``broken`` error while a row is read is
+    raised as ``_Broken`` at the row's offset."""
     while True:
         start, parts, size, odd = pos, [], 0, 0
         while True:
-            line = f.readline(1 << 20)
+            try:
+                line = f.readline(1 << 20)
+            except broken as e:
+                raise _Broken(start, e) from e
             if not line:
                 break
             pos += len(line)
@@ -825,37 +905,86 @@ def _mapped(record: dict[str, Any], spec: SourceSpec) -> dict[str, Any] | None:
     return _columns_record(values, text, media)
 
 
+def _csv_header_mode(spec: SourceSpec) -> bool | str:
+    """The source's ``header``: True, False or ``"auto"``."""
+    mode = spec.options.get("header", "auto")
+    return "auto" if mode == "auto" else bool(mode)
+
+
+def _csv_names(spec: SourceSpec) -> list[str]:
+    return [str(n) for n in (spec.options.get("columns") or {}).get("names") or []]
+
+
+def _csv_header(
+    first: tuple[int, bytes | None] | None, spec: SourceSpec, delimiter: str, limit: int
+) -> tuple[list[str], bool]:
+    """The column names, and whether the first row is a record rather than the header: ``header:
+    false`` names them by ``columns.names``; ``true`` by the first row (``columns.names`` renames);
+    ``auto`` as ``true``, except that with ``columns.names`` the first row is the header only when it
+    holds exactly those names. Raises ValueError ``bad csv header: ...`` when the header cannot be read."""
+    mode, names = _csv_header_mode(spec), _csv_names(spec)
+    if mode is False:
+        if not names:
+            raise ValueError("bad csv header: header: false needs columns.names")
+        return names, True
+    if mode == "auto" and names:
+        try:
+            is_header = first is not None and first[1] is not None and _csv_fields(first[1], delimiter) == names
+        except ValueError:
+            is_header = False
+        return names, not is_header
+    if names:
+        return names, False
+    if first is None or first[1] is None:
+        raise ValueError(f"bad csv header: over {limit} bytes")
+    try:
+        return _csv_fields(first[1], delimiter), False
+    except ValueError as e:
+        raise ValueError(f"bad csv header: {e}") from e
+
+
 def _read_csv(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
-    """The rows whose first byte lies in the unit's range; the header (the file's first row) names the
-    columns. When the header cannot be read (or lacks a configured column) every row is a reject with
-    that reason: rows are still split, so each is counted."""
+    try:
+        yield from _csv_records(unit, spec, recipe)
+    except _Broken as e:
+        yield _broken_reject(spec, unit["path"], e)
+
+
+def _csv_records(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
+    """The rows whose first byte lies in the unit's range (``end`` None: to the end of the stream);
+    the header (the file's first row, or ``columns.names``: ``_csv_header``) names the columns. When
+    the header cannot be read (or lacks a configured column) every row is a reject with that reason:
+    rows are still split, so each is counted."""
     path, start, end = unit["path"], unit["start"], unit["end"]
     base, where = posixpath.dirname(path), _relative(spec, path)
-    delimiter = str(spec.options.get("delimiter") or ("\t" if path.lower().endswith(".tsv") else ","))
+    compression = compression_of(path)
+    plain = path[: -len(compression) - 1] if compression else path
+    delimiter = str(spec.options.get("delimiter") or ("\t" if plain.lower().endswith(".tsv") else ","))
     limit = recipe.max_text_bytes
     csv.field_size_limit(max(csv.field_size_limit(), limit))  # a row is bounded by limit already
     policy = _record_policy(spec, recipe, path)
-    with storage.open_read(path) as f:
-        first = next(_csv_rows(f, limit), None)
+    broken = DECOMPRESS_ERRORS if compression else ()
+    with _open_manifest(path) as f:
+        rows = _csv_rows(f, limit, 0, broken)
+        first = next(rows, None)
         if first is None:
             return  # an empty file holds no input
         header: list[str] = []
         text, media, refused = None, [], None  # refused: (reason, detail) of a header no row can be read by
+        first_is_record = _csv_header_mode(spec) is False
         try:
-            if first[1] is None:
-                raise ValueError(f"bad csv header: over {limit} bytes")
-            try:
-                header = _csv_fields(first[1], delimiter)
-            except ValueError as e:
-                raise ValueError(f"bad csv header: {e}") from e
+            header, first_is_record = _csv_header(first, spec, delimiter, limit)
             text, media = _csv_mapping(header, spec)
         except ValueError as e:
             reason, _, detail = str(e).partition(": ")
             refused = (reason, detail)
         if start > 0:
             f.seek(start)
-        for offset, row in _csv_rows(f, limit):
-            if offset >= end:
+            rows = _csv_rows(f, limit, start, broken)
+        elif first_is_record:
+            rows = itertools.chain([first], rows)
+        for offset, row in rows:
+            if end is not None and offset >= end:
                 break
             locator = f"{where}@{offset}"
             if refused is not None and (row is None or row.strip()):

@@ -6,21 +6,28 @@ splits keys at the first dot, so stock ``webdataset`` readers see one sample per
 
 Foreign layouts (img2dataset, video2dataset: ``<key>.jpg`` + ``<key>.txt`` + ``<key>.json``) decode
 into a Sample too, with segments in a fixed modality order. Members compressed one by one
-(``txt.gz``, as WebDataset's own test data has) are inflated under the key's byte bounds; label
-members (``.cls``, ``.label``...) and msgpack members become sample metadata; a member's bytes
-decide its modality when its extension lies (video2dataset's still-image rows are JPEGs named
-``.mp4``). Only JSON, msgpack (plain values) and raw bytes are ever decoded: no pickle, no
-``.pyd``/``.pth`` members (they are listed in ``meta.ignored_members``).
+(``txt.gz``, as WebDataset's own test data has; ``.bz2``, ``.xz``, ``.zst`` alike) are inflated under
+the key's byte bounds; label members (``.cls``, ``.label``...) and msgpack members become sample
+metadata; a member's bytes decide its modality when its extension lies (video2dataset's still-image
+rows are JPEGs named ``.mp4``). Only JSON, msgpack (plain values) and raw bytes are ever decoded: no
+pickle, no ``.pyd``/``.pth`` members (they are listed in ``meta.ignored_members``). One streaming
+decompression (``decompressing``) reads compressed members here and compressed manifests
+(``urls.csv.gz``) at ingest.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import msgpack
+import zstandard
 
 from shards import safejson
 from shards.schema import (
@@ -58,6 +65,11 @@ MSGPACK_EXTS = ("msgpack", "mp", "mpk")
 NEVER_DECODED = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt", "npy", "npz")
 # Bound on a compressed member's inflated size when the caller gives none (a reader's default member bound).
 DEFAULT_MAX_INFLATED_BYTES = 2 << 30
+# Compressions a member (``txt.gz``) or a manifest (``urls.csv.zst``) may come in, by its name's last suffix.
+COMPRESSIONS = {"gz": "gzip", "bz2": "bzip2", "xz": "xz", "zst": "zstd"}
+# What reading a broken compressed stream raises (gzip.BadGzipFile is an OSError; a stream cut short, EOFError).
+DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+INFLATE_STEP = 1 << 20  # bytes a bounded inflate asks its stream for at a time
 # Extensions naming the same format, so a member is only said to lie when its bytes are another format.
 _FAMILIES = (
     ("jpg", "jpeg"),
@@ -164,45 +176,106 @@ def media_of(ext: str, data: bytes) -> tuple[str, str] | None:
     return modality, found
 
 
-def gunzip_bounded(data: bytes, limit: int, name: str) -> bytes:
-    """Inflate a gzip member (concatenated streams too), never holding more than ``limit`` bytes:
-    a small bomb stops at its bound instead of filling memory."""
+def compression_of(name: str) -> str | None:
+    """The compression a name's last suffix says (``urls.csv.gz``, ``txt.zst``), or None."""
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return suffix if suffix in COMPRESSIONS else None
+
+
+def decompressing(fileobj: IO[bytes], compression: str) -> IO[bytes]:
+    """A buffered reader of what ``fileobj`` decompresses to, streaming: concatenated streams (gzip
+    members, bzip2/xz streams, zstd frames) read as one, a stream cut short raises EOFError, and a
+    read inflates little more than it returns, so a bomb costs only what its reader asks of it.
+    Closing it leaves ``fileobj`` open."""
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=fileobj, mode="rb")  # ignores gzip(1)'s trailing zero padding too
+    if compression == "bz2":
+        return bz2.BZ2File(fileobj, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(fileobj, mode="rb")
+    if compression == "zst":
+        return io.BufferedReader(_ZstdFrames(fileobj))
+    raise ValueError(f"unknown compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames, one after another, decoded here because ``zstandard``'s stream reader never says
+    that its input ended inside a frame. Input goes in ``STEP`` bytes at a time: a zstd block of up
+    to 128 KiB can take 4 bytes, so one step inflates to at most 8 MiB, whatever the input holds."""
+
+    STEP = 256
+    READ = 256 << 10  # compressed bytes read from the file at a time
+
+    def __init__(self, fileobj: IO[bytes]) -> None:
+        super().__init__()
+        self._fp = fileobj
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the frame being decoded; None between frames
+        self._input = memoryview(b"")
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            if not self._input:
+                self._input = memoryview(self._fp.read(self.READ))
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("zstd input ended inside a frame")
+                    return 0
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            piece, self._input = self._input[: self.STEP], self._input[self.STEP :]
+            self._out = memoryview(self._frame.decompress(piece))
+            if self._frame.eof:  # the next frame starts in what this one left
+                self._input = memoryview(self._frame.unused_data + bytes(self._input))
+                self._frame = None
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+def inflate_bounded(data: bytes, limit: int, name: str) -> bytes:
+    """Inflate a member compressed as its name's suffix says (``k.txt.gz``, ``.bz2``, ``.xz``,
+    ``.zst``; concatenated streams too), never holding more than ``limit`` bytes: a small bomb stops
+    at its bound instead of filling memory. Raises DecodeError."""
+    compression = compression_of(name)
+    if compression is None:
+        raise ValueError(f"{name} does not name a compression")
     out = bytearray()
-    rest = data
     try:
-        while True:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            pending = rest
-            while not inflater.eof:
-                piece = inflater.decompress(pending, limit + 1 - len(out))
+        with decompressing(io.BytesIO(data), compression) as stream:
+            while piece := stream.read(min(INFLATE_STEP, limit + 1 - len(out))):
                 out += piece
                 if len(out) > limit:
                     raise DecodeError("member too large after decompression", f"{name}: over {limit} bytes")
-                pending = inflater.unconsumed_tail
-                if not piece and not pending:
-                    raise DecodeError("undecodable member", f"{name}: truncated gzip stream")
-            rest = inflater.unused_data
-            if not rest.strip(b"\0"):  # gzip(1) also ignores trailing zero padding
-                return bytes(out)
-    except zlib.error as e:
-        raise DecodeError("undecodable member", f"{name}: {e}") from e
+    except DECOMPRESS_ERRORS as e:
+        raise DecodeError("undecodable member", f"{name}: corrupt {COMPRESSIONS[compression]}: {e}") from e
+    return bytes(out)
+
+
+gunzip_bounded = inflate_bounded  # its name from when only gzip members were read
 
 
 def inflate_members(
     key: str, members: Mapping[str, bytes], max_member_bytes: int | None, max_key_bytes: int | None
 ) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Members with every ``<ext>.gz`` inflated to ``<ext>``, and {inner ext: member ext} of those.
+    """Members with every ``<ext>.gz`` (``.bz2``, ``.xz``, ``.zst``) inflated to ``<ext>``, and {inner ext:
+    member ext} of those.
 
     Each inflated member is bounded by ``max_member_bytes`` and, with what the key already holds, by
     ``max_key_bytes``: the bounds a key's members are read under hold after decompression too."""
-    packed = sorted(e for e in members if e.endswith(".gz") and len(e) > 3)
+    packed = sorted(e for e in members if compression_of(e) is not None and e.rsplit(".", 1)[0])
     if not packed:
         return dict(members), {}
     out = {e: d for e, d in members.items() if e not in packed}
     origin: dict[str, str] = {}
     held = sum(len(d) for d in out.values())
     for ext in packed:
-        inner, name = ext[:-3], f"{key}.{ext}"
+        inner, name = ext.rsplit(".", 1)[0], f"{key}.{ext}"
         if inner in out:
             raise DecodeError("duplicate member in sample", f"{name} and {key}.{inner}")
         if not members[ext]:
@@ -210,7 +283,7 @@ def inflate_members(
         limit = max_member_bytes if max_member_bytes is not None else DEFAULT_MAX_INFLATED_BYTES
         if max_key_bytes is not None:
             limit = min(limit, max(max_key_bytes - held, 0))
-        out[inner] = gunzip_bounded(members[ext], limit, name)
+        out[inner] = inflate_bounded(members[ext], limit, name)
         origin[inner] = ext
         held += len(out[inner])
     return out, origin
@@ -308,7 +381,8 @@ def decode_sample(
     ``source``, ``locator`` (default: the key) and content, and what the input claimed (its ``id``,
     or a foreign json's ``id``/``key``) is kept as ``meta.claimed_id``. A tar's json is bounded in
     bytes and depth; ours may nest ``JSON_ENVELOPE_DEPTH`` deeper than the record it came from.
-    ``<ext>.gz`` members are inflated first, under ``max_member_bytes`` and ``max_key_bytes``."""
+    Compressed members (``<ext>.gz``, ``.bz2``, ``.xz``, ``.zst``) are inflated first, under
+    ``max_member_bytes`` and ``max_key_bytes``."""
     members, origin = inflate_members(key, members, max_member_bytes, max_key_bytes)
     doc = None
     if "json" in members:

@@ -5,20 +5,20 @@ spends moving the bytes (shard I/O ran at 0.35-0.5 of a raw copy through it). He
 one ``struct`` unpack and member data one ``read``. Written headers are byte-identical to
 ``tarfile``'s USTAR headers (the tests compare them), so shards stay reproducible; reading
 follows ``tarfile`` for USTAR, GNU long names, pax extended headers, base-256 sizes and
-gzip/bzip2/xz compression, but a bad header after the first is an error here, not a silent end.
+gzip/bzip2/xz/zstd compression, but a bad header after the first is an error here, not a silent end.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import struct
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
+
+from shards.codec import DECOMPRESS_ERRORS, decompressing
+
+STREAM_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zst"))
 
 BLOCK = 512
 RECORD = tarfile.RECORDSIZE
@@ -125,18 +125,15 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 
 def open_stream(fileobj: IO[bytes]) -> IO[bytes]:
-    """The tar inside ``fileobj``, decompressed when it starts with gzip, bzip2 or xz magic."""
+    """The tar inside ``fileobj``, decompressed when it starts with gzip, bzip2, xz or zstd magic."""
     head = fileobj.peek(6)[:6] if hasattr(fileobj, "peek") else b""
     if not head and fileobj.seekable():
         start = fileobj.tell()
         head = fileobj.read(6)
         fileobj.seek(start)
-    if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=fileobj, mode="rb")
-    if head.startswith(b"BZh"):
-        return bz2.BZ2File(fileobj, mode="rb")
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(fileobj, mode="rb")
+    for magic, compression in STREAM_MAGIC:
+        if head.startswith(magic):
+            return decompressing(fileobj, compression)
     return fileobj
 
 
@@ -182,7 +179,7 @@ def iter_members(
         yield from _members(blocks, want)
     except TarCorrupt as e:
         raise TarCorrupt(str(e), blocks.offset if e.offset < 0 else e.offset) from e
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # gzip.BadGzipFile is an OSError
+    except DECOMPRESS_ERRORS as e:
         raise TarCorrupt(f"unreadable stream: {e}", blocks.offset) from e
 
 

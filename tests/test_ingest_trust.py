@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import os
 import random
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from pipelines.audit import audit
 from pipelines.executor import run_recipe
@@ -205,6 +207,8 @@ def test_files_a_source_does_not_read_are_counted(tmp_path: Path) -> None:
     wds.mkdir()
     (wds / "a.tar").write_bytes(tar_with([("k.txt", b"from a plain tar")]))
     (wds / "b.tgz").write_bytes(gzip.compress(tar_with([("k.txt", b"from a gzip tar")]), mtime=0))
+    (wds / "c.tar.xz").write_bytes(lzma.compress(tar_with([("k.txt", b"from an xz tar")])))
+    (wds / "d.tar.zst").write_bytes(zstandard.compress(tar_with([("k.txt", b"from a zstd tar")])))
     (wds / "readme.txt").write_text("notes")
     (wds / "bundle.zip").write_bytes(b"PK\x03\x04")
     (docs / "a.jsonl").write_text(json.dumps({"text": "line a"}) + "\n")
@@ -222,7 +226,14 @@ def test_files_a_source_does_not_read_are_counted(tmp_path: Path) -> None:
         ("wds", "bundle.zip"): "not read: unsupported file for webdataset source",
         ("docs", "notes.txt"): "not read: unsupported file for jsonl source",
     }
-    assert _texts(samples) == ["from a gzip tar", "from a plain tar", "line a", "line b"]
+    assert _texts(samples) == [
+        "from a gzip tar",
+        "from a plain tar",
+        "from a zstd tar",
+        "from an xz tar",
+        "line a",
+        "line b",
+    ]
 
 
 # ---------------------------------------------------------------- ids
