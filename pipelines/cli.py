@@ -29,7 +29,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         recipe.executor["address"] = args.ray_address
     t0 = time.perf_counter()
-    manifest = run_recipe(recipe, executor=args.executor, progress=not args.quiet, repair=args.repair)
+    manifest = run_recipe(
+        recipe,
+        executor=args.executor,
+        progress=not args.quiet,
+        repair=args.repair,
+        verbose=args.verbose,
+        dashboard=args.dashboard,
+    )
     print(
         f"{recipe.name}: ingested {manifest['ingested']}, written {manifest['written']}, "
         f"rejected {manifest['rejected']} in {time.perf_counter() - t0:.1f}s -> {recipe.output}"
@@ -108,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=("ray", "local"), help="override the recipe's executor")
     r.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--dashboard", action="store_true", help="serve Ray's dashboard on 127.0.0.1 (a local Ray)")
     r.add_argument(
         "--repair", action="store_true", help="also re-hash every committed shard (sha256) and redo damaged units"
     )

@@ -15,7 +15,15 @@ from tqdm import tqdm
 from pipelines import sources
 from pipelines.recipe import Recipe
 from pipelines.rundir import RunDir
-from pipelines.units import CommitTracker, apply_steps, build_operator, read_unit_table, stage_name, write_units
+from pipelines.units import (
+    CommitTracker,
+    apply_steps,
+    build_operator,
+    read_unit_table,
+    stage_name,
+    step_resources,
+    write_units,
+)
 from shards import storage
 
 log = logging.getLogger(__name__)
@@ -23,8 +31,11 @@ EXECUTORS = ("local", "ray")
 
 
 def run_local(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracker, progress: bool) -> None:
-    ops = [(stage_name(i, s), build_operator(s, recipe.imports)) for i, s in enumerate(recipe.steps)]
-    for _, op in ops:
+    ops = [
+        (stage_name(i, s), build_operator(s, recipe.imports), step_resources(s, recipe.imports).batch_size)
+        for i, s in enumerate(recipe.steps)
+    ]
+    for _, op, _ in ops:
         op.setup()
     for unit in tqdm(pending, desc=f"{recipe.name} units", unit="unit", disable=not progress):
         table = apply_steps(ops, read_unit_table(unit, recipe))
@@ -36,7 +47,12 @@ def run_local(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTrac
 
 
 def run_recipe(
-    recipe: Recipe, executor: str | None = None, progress: bool = True, repair: bool = False
+    recipe: Recipe,
+    executor: str | None = None,
+    progress: bool = True,
+    repair: bool = False,
+    verbose: bool = False,
+    dashboard: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``recipe``; returns the run manifest.
 
@@ -73,7 +89,7 @@ def run_recipe(
             else:
                 from pipelines.ray_executor import run_ray
 
-                run_ray(recipe, pending, tracker, progress)
+                run_ray(recipe, pending, tracker, progress, verbose=verbose, dashboard=dashboard)
         lock.check()
         return run.finish(plan)
 

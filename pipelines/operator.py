@@ -9,6 +9,7 @@ Ray can run the class as an actor pool and a plain loop can run it in tests.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -28,12 +29,25 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one instance needs; the Ray executor turns this into ``map_batches`` arguments."""
+    """What one instance needs; the Ray executor turns this into ``map_batches`` arguments.
+
+    An operator declares its defaults; a recipe step's ``resources`` overrides them (``with_overrides``)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
     memory_mb: int = 0
-    concurrency: int | None = None  # actor-pool size; None lets the executor decide
+    concurrency: int | tuple[int, int] | None = None  # actor-pool size or [min, max]; None: the executor sizes it
+    batch_size: int | None = None  # rows per operator call (a GPU batch); None: a whole unit
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Resources:
+        """These resources with a recipe step's ``resources`` mapping (already schema-checked) applied."""
+        changes = {k: v for k, v in overrides.items() if k in ("cpus", "gpus", "batch_size")}
+        if "memory" in overrides:
+            changes["memory_mb"] = -(-int(overrides["memory"]) // (1 << 20))
+        if "concurrency" in overrides:
+            pool = overrides["concurrency"]
+            changes["concurrency"] = tuple(pool) if isinstance(pool, list | tuple) else int(pool)
+        return dataclasses.replace(self, **changes)
 
 
 class Operator:
@@ -208,6 +222,8 @@ def check_steps(recipe: Recipe) -> None:
         except UnknownOperator as e:
             raise UnknownOperator(f"pipeline[{i}]: {e}") from None
         where = f"pipeline[{i}] ({step.op})"
+        if step.resources.get("cpus", 1) <= 0 and step.resources.get("gpus", cls.resources.gpus) <= 0:
+            raise RecipeError(f"{where}: resources need cpus > 0 or gpus > 0")
         problem = param_problem(cls, step.params)
         if problem:
             raise RecipeError(f"{where}: {problem}")

@@ -13,35 +13,53 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import ray
 from tqdm import tqdm
 
 from pipelines.errors import UserFixable, describe_error
-from pipelines.operator import Operator, get_operator
+from pipelines.operator import Operator, Resources, get_operator
 from pipelines.recipe import Recipe, StepSpec, parse_size
 from pipelines.units import CommitTracker, apply_step, build_operator, read_unit_table, stage_name, write_units
 from shards import storage
 
 log = logging.getLogger(__name__)
+GPU_BLOCK_ROWS = 256  # rows Ray hands a GPU actor per call when the step sets no batch_size
 
 
 class _StepActor:
-    """Holds one operator (and its model) for the lifetime of a Ray actor."""
+    """Holds one operator (and its model) for the lifetime of a Ray actor.
 
-    def __init__(self, step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str]) -> None:
-        storage.configure(**storage_opts)
-        self.op: Operator = build_operator(StepSpec(**step), imports)
+    Each step gets its own subclass (``_actor_class``) that carries the step in class attributes, not
+    constructor arguments: Ray keeps those in the object store and warns on every actor it starts."""
+
+    step: ClassVar[dict[str, Any]]
+    stage: ClassVar[str]
+    storage_opts: ClassVar[dict[str, Any]]
+    imports: ClassVar[list[str]]
+    batch_size: ClassVar[int | None]
+
+    def __init__(self) -> None:
+        storage.configure(**self.storage_opts)
+        self.op: Operator = build_operator(StepSpec(**self.step), self.imports)
         self.op.setup()
-        self.stage = stage
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return apply_step(self.op, self.stage, table)
+        return apply_step(self.op, self.stage, table, self.batch_size)
 
 
-def _stateless_step(step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str]):
+def _actor_class(
+    step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str], batch_size: int | None
+) -> type[_StepActor]:
+    attrs = {"step": step, "stage": stage, "storage_opts": storage_opts, "imports": imports, "batch_size": batch_size}
+    return type(f"Step{stage.replace('-', '_')}", (_StepActor,), attrs)
+
+
+def _stateless_step(
+    step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str], batch_size: int | None
+):
     op_holder: list[Operator] = []
 
     def fn(table: pa.Table) -> pa.Table:
@@ -49,60 +67,110 @@ def _stateless_step(step: dict[str, Any], stage: str, storage_opts: dict[str, An
             storage.configure(**storage_opts)
             op_holder.append(build_operator(StepSpec(**step), imports))
             op_holder[0].setup()
-        return apply_step(op_holder[0], stage, table)
+        return apply_step(op_holder[0], stage, table, batch_size)
 
     return fn
 
 
-def init_ray(settings: dict[str, Any]) -> None:
+def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = False) -> None:
     """Join ``address`` (a cluster; ``auto`` or RAY_ADDRESS, which ``ray job submit`` sets) or start a
-    private local Ray on loopback, never silently joining some other cluster on this machine."""
+    private local Ray on loopback, never silently joining some other cluster on this machine.
+
+    Ray's own start-up lines, its workers' log lines and Ray Data's plans stay quiet unless ``verbose``;
+    ``dashboard`` serves Ray's dashboard on 127.0.0.1 (a local Ray; a cluster has its own)."""
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"logging_level": logging.WARNING}
+    log_to_driver = bool(settings.get("log_to_driver", verbose))
     address = settings.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=settings.get("log_to_driver", True))
+        ray.init(address=address, log_to_driver=log_to_driver, **quiet)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    dashboard = dashboard or bool(settings.get("dashboard", False))
     ray.init(
         address="local",
         num_cpus=int(settings.get("num_cpus", os.cpu_count() or 1)),
+        num_gpus=settings.get("num_gpus"),  # None: Ray counts the machine's GPUs
         object_store_memory=parse_size(settings.get("object_store_memory", "1GB")),
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        log_to_driver=settings.get("log_to_driver", True),
+        log_to_driver=log_to_driver,
+        **quiet,
     )
+    if dashboard:
+        url = ray.get_runtime_context().dashboard_url or "127.0.0.1:8265"
+        print(f"omni: Ray dashboard at http://{url.removeprefix('http://')}", flush=True)
 
 
-def cpu_reservations(ops: list[type[Operator]], cluster_cpus: float) -> list[float]:
-    """Logical CPUs to reserve per step so the DAG can always make progress on this cluster.
+def pool_sizes(res: Resources, share: float, cluster_gpus: float) -> tuple[int, int]:
+    """(min, max) actors of a stateful step: the recipe's ``concurrency``, else as many as the cluster
+    holds: a fixed pool of one actor per ``gpus`` of its GPUs (Ray's autoscaler adds actors one by one,
+    too slowly to fill a GPU cluster), or up to ``share`` of its CPUs over ``cpus`` per actor."""
+    if isinstance(res.concurrency, tuple):
+        return res.concurrency
+    if res.concurrency:
+        return res.concurrency, res.concurrency
+    if res.gpus > 0:
+        fill = max(1, int(cluster_gpus / res.gpus + 1e-9))
+        return fill, fill
+    return 1, max(1, int(share / max(res.cpus, 1e-9) + 1e-9))
 
-    Actor pools hold their CPUs for the whole run; when they would hold every CPU, the read,
-    stateless and write tasks could never be scheduled and the run would hang (two model steps
-    on a 2-CPU laptop do exactly that). Then the actors' reservations shrink in proportion until
-    one CPU is left for tasks. Reservations are scheduling tokens: an actor still uses a whole
-    core when it runs. No step asks for more than the cluster has.
+
+def cpu_reservations(
+    resources: list[Resources], stateful: list[bool], pools: list[tuple[int, int]], cluster_cpus: float
+) -> list[float]:
+    """Logical CPUs to reserve per actor or task of each step, so the DAG can always make progress.
+
+    Actor pools hold their CPUs for the whole run; when their largest size would hold every CPU, the
+    read, stateless and write tasks could never be scheduled and the run would hang (two model steps
+    on a 2-CPU laptop do exactly that). Then the actors' reservations shrink in proportion until one
+    CPU is left for tasks. Reservations are scheduling tokens: an actor still uses a whole core when
+    it runs. No step asks for more than the cluster has.
     """
-    wanted = [min(op.resources.cpus, cluster_cpus) for op in ops]
-    held = sum(c * (op.resources.concurrency or 1) for c, op in zip(wanted, ops, strict=True) if op.stateful)
+    wanted = [min(r.cpus, cluster_cpus) for r in resources]
+    held = sum(c * pool[1] for c, keeps, pool in zip(wanted, stateful, pools, strict=True) if keeps)
     budget = max(cluster_cpus - 1, cluster_cpus / 2)
     if held <= budget:
         return wanted
     scale = budget / held
-    log.warning(
+    log.info(
         "actor steps would hold %.2g of %.2g CPUs and starve the other tasks; reserving %.0f%% of what they ask",
         held,
         cluster_cpus,
         100 * scale,
     )
-    return [c * scale if op.stateful else c for c, op in zip(wanted, ops, strict=True)]
+    return [c * scale if keeps else c for c, keeps in zip(wanted, stateful, strict=True)]
 
 
-def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracker, progress: bool) -> None:
+def check_fits(recipe: Recipe, resources: list[Resources], cluster: dict[str, float]) -> None:
+    """A step asking for GPUs (or more of them than a node can give) would wait forever: say so now."""
+    gpus = float(cluster.get("GPU", 0))
+    for i, (step, res) in enumerate(zip(recipe.steps, resources, strict=True)):
+        if res.gpus > gpus:
+            have = f"{gpus:g} GPUs" if gpus else "no GPUs"
+            raise UserFixable(
+                f"pipeline[{i}] ({step.op}) asks for {res.gpus:g} GPUs per actor but the Ray cluster has {have}"
+                " (set resources: {gpus: ...}, executor.num_gpus for a local Ray, or use the CPU operator)"
+            )
+
+
+def run_ray(
+    recipe: Recipe,
+    pending: list[dict[str, Any]],
+    tracker: CommitTracker,
+    progress: bool,
+    verbose: bool = False,
+    dashboard: bool = False,
+) -> None:
     settings = recipe.executor
-    init_ray(settings)
+    init_ray(settings, verbose=verbose, dashboard=dashboard)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(settings.get("ray_progress_bars", False))
+    ctx.print_on_execution_start = verbose
+    if not verbose:  # its plans, "progress bars disabled" and "execution finished" lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx.target_max_block_size = parse_size(settings.get("max_block_bytes", "1GB"))
     opts = storage.storage_options()
 
@@ -122,23 +190,33 @@ def run_ray(recipe: Recipe, pending: list[dict[str, Any]], tracker: CommitTracke
                 raise
             return pa.Table.from_pylist([{"unit": "", "error": message}])
 
+    cluster = ray.cluster_resources()
+    op_classes = [get_operator(step.op, tuple(recipe.imports)) for step in recipe.steps]
+    resources = [cls.resources.with_overrides(s.resources) for cls, s in zip(op_classes, recipe.steps, strict=True)]
+    check_fits(recipe, resources, cluster)
+    stateful = [cls.stateful for cls in op_classes]
+    cluster_cpus = float(cluster.get("CPU", 1))
+    share = max(cluster_cpus - 1, cluster_cpus / 2) / max(1, sum(stateful))  # CPUs for each actor step
+    pools = [pool_sizes(res, share, float(cluster.get("GPU", 0))) for res in resources]
+    cpus = cpu_reservations(resources, stateful, pools, cluster_cpus)
+
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
-    op_classes = [get_operator(step.op, tuple(recipe.imports)) for step in recipe.steps]
-    cpus = cpu_reservations(op_classes, float(ray.cluster_resources().get("CPU", 1)))
-    for i, (step, op_cls, num_cpus) in enumerate(zip(recipe.steps, op_classes, cpus, strict=True)):
-        res = op_cls.resources
-        remote = {"num_cpus": num_cpus, "num_gpus": res.gpus or None}
+    for i, step in enumerate(recipe.steps):
+        res = resources[i]
+        remote: dict[str, Any] = {"num_cpus": cpus[i], "num_gpus": res.gpus or None}
         if res.memory_mb:
             remote["memory"] = res.memory_mb * (1 << 20)
-        args = (vars(step), stage_name(i, step), opts, recipe.imports)
-        if op_cls.stateful:
+        args = (vars(step), stage_name(i, step), opts, recipe.imports, res.batch_size)
+        if stateful[i]:
+            low, high = pools[i]
             ds = ds.map_batches(
-                _StepActor,
-                fn_constructor_args=args,
-                batch_size=None,
+                _actor_class(*args),
+                # a whole block (one unit) per call; Ray insists on a number for GPU steps
+                batch_size=res.batch_size or (GPU_BLOCK_ROWS if res.gpus else None),
                 batch_format="pyarrow",
-                concurrency=res.concurrency or 1,
+                # a batch run's queue is full at the start: begin at max, give actors back as work runs out
+                compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
                 **remote,
             )
         else:

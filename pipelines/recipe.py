@@ -1,7 +1,8 @@
 """Pipeline recipes: YAML that names sources, operators with parameters, shard sizes and executor.
 
 The config hash covers everything that changes what a run writes (sources, steps, shard sizes);
-executor settings (Ray address, CPUs) do not, so the same run can resume on another cluster.
+executor settings (Ray address, CPUs) and steps' ``resources`` (CPUs, GPUs, pool sizes) do not, so
+the same run can resume on another cluster sized for it.
 
 The recipe is a schema (``SCHEMA``): an unknown key, a wrong type or a size that is not > 0 is a
 ``RecipeError`` naming its path (``sources[1].unit_size``) before anything is created, so a typo can
@@ -41,6 +42,8 @@ class SourceSpec:
 class StepSpec:
     op: str
     params: dict[str, Any] = field(default_factory=dict)
+    # overrides of the operator's declared Resources: cpus, gpus, memory (bytes), batch_size, concurrency
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Recipe:
     def config_hash(self) -> str:
         doc = {
             "sources": [vars(s) for s in self.sources],
-            "steps": [vars(s) for s in self.steps],
+            "steps": [{"op": s.op, "params": s.params} for s in self.steps],
             "imports": self.imports,
             "shards": [self.max_shard_samples, self.max_shard_bytes, self.max_inline_bytes],
             "limits": vars(self.limits),
@@ -137,12 +140,21 @@ SCHEMA: dict[str, dict[str, Kind]] = {
         "layout": ("auto", "mmc4", "obelics"),  # jsonl/parquet records: interleaved document layout
     },
     "csv_columns": {"text": "text", "url": "text", "modality": ("image", "audio", "video"), "names": "list:text"},
-    "step": {"op": "text", "params": "mapping"},
+    "step": {"op": "text", "params": "mapping", "resources": "step_resources"},
+    # per actor (or task): what Ray reserves, rows per operator call, actor-pool size (N or [min, max])
+    "step_resources": {
+        "cpus": "amount",
+        "gpus": "amount",
+        "memory": "size",
+        "batch_size": "count",
+        "concurrency": "pool",
+    },
     "shards": {"max_samples": "count", "max_bytes": "size", "max_inline_bytes": "size"},
     "limits": {f.name: "size" if f.name.endswith("bytes") else "count" for f in fields(Limits)},
     "executor": {
         "type": EXECUTOR_TYPES,
         "num_cpus": "count",
+        "num_gpus": "amount",  # a local Ray's GPUs; logical ones schedule GPU steps on a CPU machine
         "object_store_memory": "size",
         "address": "text",
         "log_to_driver": "bool",
@@ -164,7 +176,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {"recipe": ("sources",), "source": ("type
 SHORTHAND = {"step": "op"}  # `- validate` in a pipeline means `- {op: validate}`
 HINTS = {  # unknown keys a user is likely to try, with where they go instead
     "region_name": "put it under client_kwargs: {region_name: ...}",
-    "resources": "operator resources are not configurable in a recipe yet",
+    "num_gpus": "a step's GPUs go in its resources: {gpus: N}",
+    "num_cpus": "a step's CPUs go in its resources: {cpus: N}",
 }
 # source keys kept in ``SourceSpec.options``
 SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "header", "layout")
@@ -194,6 +207,12 @@ def _scalar(value: Any, kind: str, path: str) -> Any:
         return value
     if kind == "mapping" and isinstance(value, dict):
         return value
+    if kind == "amount" and number:
+        if value < 0:
+            raise RecipeError(f"{path}: must be >= 0, got {_show(value)}")
+        return value
+    if kind == "pool":
+        return _pool(value, path)
     if kind == "count" and number and value == int(value):
         if value <= 0:
             raise RecipeError(f"{path}: must be > 0, got {_show(value)}")
@@ -212,8 +231,18 @@ def _scalar(value: Any, kind: str, path: str) -> Any:
         "mapping": "a mapping",
         "count": "a whole number > 0",
         "size": "a size > 0 (like 64MB or 4096)",
+        "amount": "a number >= 0",
     }[kind]
     raise RecipeError(f"{path}: expected {expected}, got {_show(value)}")
+
+
+def _pool(value: Any, path: str) -> int | tuple[int, int]:
+    """An actor-pool size: ``N`` (fixed) or ``[min, max]`` (autoscaling), 1 <= min <= max."""
+    sizes = value if isinstance(value, list) else [value]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    if not whole or len(sizes) not in (1, 2) or (len(sizes) == 2 and sizes[0] > sizes[1]):
+        raise RecipeError(f"{path}: expected a pool size N >= 1 or [min, max] with 1 <= min <= max, got {_show(value)}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
 def _check(value: Any, kind: Kind, path: str) -> Any:
@@ -285,7 +314,10 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
         name=d.get("name", "run"),
         output=_resolve(output or d["output"], base_dir),
         sources=sources,
-        steps=[StepSpec(op=st["op"], params=dict(st.get("params", {}))) for st in d.get("pipeline", [])],
+        steps=[
+            StepSpec(op=st["op"], params=dict(st.get("params", {})), resources=dict(st.get("resources", {})))
+            for st in d.get("pipeline", [])
+        ],
         imports=d.get("imports", []),
         max_shard_samples=shards.get("max_samples", 10_000),
         max_shard_bytes=shards.get("max_bytes", 1 << 30),

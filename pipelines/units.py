@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.operator import Operator, get_operator
+from pipelines.operator import Operator, Resources, get_operator
 from pipelines.recipe import Recipe, StepSpec
 from pipelines.rundir import RunDir, add_timings
 from pipelines.sources import read_unit
@@ -149,8 +149,22 @@ def _call_row_by_row(op: Operator, payload: pa.Table, error: Exception) -> pa.Ta
     return pa.concat_tables(parts, promote_options="default")
 
 
-def apply_step(op: Operator, stage: str, table: pa.Table) -> pa.Table:
-    """Run one operator on the rows still flowing; newly rejected rows get ``stage``."""
+def _call_in_batches(op: Operator, payload: pa.Table, batch_size: int | None) -> pa.Table:
+    """``op`` over ``payload`` in calls of at most ``batch_size`` rows (all at once when None); a call
+    that raises is retried row by row, so one bad row rejects itself, not its batch."""
+    size = batch_size or max(len(payload), 1)
+    parts = []
+    for start in range(0, len(payload), size):
+        chunk = payload.slice(start, size)
+        try:
+            parts.append(op(chunk))
+        except Exception as e:  # noqa: BLE001
+            parts.append(_call_row_by_row(op, chunk, e))
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
+
+
+def apply_step(op: Operator, stage: str, table: pa.Table, batch_size: int | None = None) -> pa.Table:
+    """Run one operator on the rows still flowing, ``batch_size`` rows per call; newly rejected rows get ``stage``."""
     flowing_mask = pc.is_null(table[REASON_COLUMN])
     flowing = table.filter(flowing_mask)
     if len(flowing) == 0:
@@ -159,10 +173,7 @@ def apply_step(op: Operator, stage: str, table: pa.Table) -> pa.Table:
     carried = [c for c in flowing.column_names if c.startswith(TIMING_PREFIX)]
     payload = flowing.drop_columns(ROUTING_COLUMNS + carried)
     start = time.perf_counter()
-    try:
-        result = op(payload)
-    except Exception as e:  # noqa: BLE001
-        result = _call_row_by_row(op, payload, e)
+    result = _call_in_batches(op, payload, batch_size)
     seconds = time.perf_counter() - start
     if len(result) != len(payload):
         raise RuntimeError(f"operator {op.name} returned {len(result)} rows for {len(payload)}; operators are 1:1")
@@ -183,10 +194,16 @@ def apply_step(op: Operator, stage: str, table: pa.Table) -> pa.Table:
     return pa.concat_tables([result, done], promote_options="default")
 
 
-def apply_steps(ops: list[tuple[str, Operator]], table: pa.Table) -> pa.Table:
-    for stage, op in ops:
-        table = apply_step(op, stage, table)
+def apply_steps(ops: list[tuple[str, Operator, int | None]], table: pa.Table) -> pa.Table:
+    """The steps (stage, operator, batch size) one after another, as the local executor runs them."""
+    for stage, op, batch_size in ops:
+        table = apply_step(op, stage, table, batch_size)
     return table
+
+
+def step_resources(step: StepSpec, imports: tuple[str, ...] | list[str] = ()) -> Resources:
+    """The operator's declared resources with the recipe step's overrides."""
+    return get_operator(step.op, tuple(imports)).resources.with_overrides(step.resources)
 
 
 def _part_id(ids: Iterable[str]) -> str:

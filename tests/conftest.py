@@ -99,12 +99,14 @@ def uninterrupted(speech_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray for the session: 2 CPUs, a capped object store, loopback only."""
+    """One local Ray for the session: 2 CPUs, 4 logical GPUs (GPU steps schedule; nothing uses CUDA),
+    a capped object store, loopback only."""
     import ray
 
     ray.init(
         address="local",  # never join a cluster another test (or a user) started on this machine
         num_cpus=2,
+        num_gpus=4,
         object_store_memory=512 << 20,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

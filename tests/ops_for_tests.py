@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pyarrow as pa
 
-from pipelines.operator import Operator, register
+from pipelines.operator import Operator, Resources, register
 
 
 @register
@@ -40,3 +42,30 @@ class HoldsAModel(Operator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return batch.append_column(self.column, pa.array([len(batch)] * len(batch)))
+
+
+@register
+class WhereAmI(Operator):
+    """A GPU step: records which actor (process) and which GPU Ray gave it handled each row, and how
+    many rows each call got; ``delay_s`` per call stands in for a model's work."""
+
+    name = "test_where_am_i"
+    stateful = True
+    resources = Resources(cpus=1, gpus=1)
+
+    def __init__(self, delay_s: float = 0.0, mark_dir: str | None = None) -> None:
+        super().__init__(delay_s=delay_s, mark_dir=mark_dir)
+        self.delay_s, self.mark_dir = float(delay_s), mark_dir
+
+    def setup(self) -> None:
+        """With ``mark_dir``, each instance leaves a file named by its process and GPU: who started."""
+        if self.mark_dir:
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            with open(os.path.join(self.mark_dir, f"{os.getpid()}-gpu{gpu}"), "w") as f:
+                f.write(gpu)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        time.sleep(self.delay_s)
+        n = len(batch)
+        worker = f"{os.getpid()}:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+        return batch.append_column("worker", pa.array([worker] * n)).append_column("call_rows", pa.array([n] * n))

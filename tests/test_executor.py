@@ -91,8 +91,9 @@ def test_model_steps_cannot_starve_a_small_cluster(demo_sources, tmp_path: Path,
     from pipelines.ray_executor import cpu_reservations
 
     ops = [get_operator(n, ("tests.ops_for_tests",)) for n in ("validate", "test_holds_a_model", "test_holds_a_model")]
-    assert cpu_reservations(ops, 8.0) == [1.0, 1.0, 1.0]
-    small = cpu_reservations(ops, 2.0)
+    resources, stateful, single = [op.resources for op in ops], [op.stateful for op in ops], [(1, 1)] * 3
+    assert cpu_reservations(resources, stateful, single, 8.0) == [1.0, 1.0, 1.0]
+    small = cpu_reservations(resources, stateful, single, 2.0)
     assert small[0] == 1.0 and sum(small[1:]) == pytest.approx(1.0)
     doc = demo_recipe_dict(demo_sources, tmp_path / "run", executor="ray")
     doc["imports"] = ["tests.ops_for_tests"]
