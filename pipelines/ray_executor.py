@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -166,7 +167,9 @@ def run_ray(
 ) -> None:
     settings = recipe.executor
     init_ray(settings, verbose=verbose, dashboard=dashboard)
-    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():  # Ray's own defaults set its deprecated fields when it builds the context
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(settings.get("ray_progress_bars", False))
     ctx.print_on_execution_start = verbose
     if not verbose:  # its plans, "progress bars disabled" and "execution finished" lines
