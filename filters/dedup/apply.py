@@ -1,6 +1,6 @@
 """The last phase: drop the duplicates from the shards and account for each in a rejects ledger.
 
-For a run directory, in place and crash-safe, unit by unit (one Ray task per affected unit):
+For a run directory, in place and crash-safe, unit by unit (one task per affected unit):
 the unit's affected shards are rewritten under new names without the duplicates, a ledger part
 lists the duplicates (stage ``dedup``, reason ``exact duplicate`` or ``near-duplicate``, detail =
 kept id, method, score), then the unit's commit marker is replaced atomically, recording the job.
@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from filters.dedup.buckets import EXACT_MEDIA, EXACT_TEXT, METHODS
 from filters.dedup.inputs import Inputs, ShardInput, split_node
+from filters.dedup.runner import Runner
 from filters.dedup.workdir import WorkDir
 from pipelines.rundir import LEDGER_SCHEMA, RunDir
 from shards import storage
@@ -143,16 +145,27 @@ def apply_unit(run_root: str, unit: str, shards: list[ShardInput], drops: dict, 
     return {"unit": unit, "dropped": len(ledger), "skipped": False}
 
 
-def apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
+def apply_to_run(inputs: Inputs, work: WorkDir, job_id: str, runner: Runner) -> dict[str, Any]:
     """Under the run's lock (an ``omni run`` on it at the same time would delete our files, and we
-    its): one Ray task per unit with duplicates; then stale files go and the manifests are rebuilt."""
+    its): one task per unit with duplicates; then stale files go and the manifests are rebuilt."""
     with RunDir(inputs.root).lock():
-        return _apply_to_run(inputs, work, job_id)
+        return _apply_to_run(inputs, work, job_id, runner)
 
 
-def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
-    import ray
+@dataclass(frozen=True)
+class UnitTask:
+    run_root: str
+    unit: str
+    shards: tuple[ShardInput, ...]
+    drops: dict
+    job_id: str
 
+
+def unit_task(t: UnitTask) -> dict[str, Any]:
+    return apply_unit(t.run_root, t.unit, list(t.shards), t.drops, t.job_id)
+
+
+def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str, runner: Runner) -> dict[str, Any]:
     run = RunDir(inputs.root)
     run.clean_uncommitted()
     dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
@@ -161,29 +174,17 @@ def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
     for shard in inputs.shards:
         units.setdefault(shard.unit or "", []).append(shard)
     affected = sorted({inputs.shards[i].unit or "" for i in by_shard})
-    opts = storage.storage_options()
-    results: list[dict[str, Any]] = []
-    if affected:
-        tasks = [
-            {
-                "unit": u,
-                "shards": json.dumps([vars(s) for s in units[u]]),
-                "drops": json.dumps({s.index: by_shard[s.index] for s in units[u] if s.index in by_shard}),
-            }
-            for u in affected
-        ]
-
-        def rewrite(batch: pa.Table) -> pa.Table:
-            storage.configure(**opts)
-            out = []
-            for t in batch.to_pylist():
-                shards = [ShardInput(**s) for s in json.loads(t["shards"])]
-                drops = {int(k): {int(r): tuple(v) for r, v in d.items()} for k, d in json.loads(t["drops"]).items()}
-                out.append(apply_unit(inputs.root, t["unit"], shards, drops, job_id))
-            return pa.Table.from_pylist(out)
-
-        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        results = ds.map_batches(rewrite, batch_size=1, batch_format="pyarrow").take_all()
+    tasks = [
+        UnitTask(
+            inputs.root,
+            u,
+            tuple(units[u]),
+            {s.index: by_shard[s.index] for s in units[u] if s.index in by_shard},
+            job_id,
+        )
+        for u in affected
+    ]
+    results, stats = runner.map(unit_task, tasks)
     removed = run.clean_uncommitted()
     plan = json.loads(storage.read_bytes(run.path("plan.json")))
     manifest = run.finish(plan)
@@ -194,10 +195,23 @@ def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str) -> dict[str, Any]:
         "stale_files_removed": removed,
         "written": manifest["written"],
         "rejected": manifest["rejected"],
+        **stats,
     }
 
 
-def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ShardTask:
+    shard: ShardInput
+    drops: dict
+    out_dir: str
+
+
+def shard_task(t: ShardTask) -> dict[str, Any]:
+    infos, ledger = filter_shard(t.shard, t.drops, t.out_dir, _stem(t.shard.name), t.shard.unit)
+    return {"infos": infos, "ledger": ledger}
+
+
+def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str, runner: Runner) -> dict[str, Any]:
     """A filtered copy of a shard set: ``<name>-00000.tar`` per input shard that keeps samples, a
     manifest, and ``rejects/dedup.parquet``."""
     dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
@@ -206,13 +220,14 @@ def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str) -> dict[str, Any]
     storage.makedirs(shards_out)
     written: list[ShardInfo] = []
     ledger: list[dict[str, Any]] = []
-    for shard in inputs.shards:
-        infos, rows = filter_shard(shard, by_shard.get(shard.index, {}), shards_out, _stem(shard.name), shard.unit)
-        written.extend(infos)
-        ledger.extend(rows)
+    tasks = [ShardTask(shard, by_shard.get(shard.index, {}), shards_out) for shard in inputs.shards]
+    results, stats = runner.map(shard_task, tasks)  # one task per shard, results in shard order
+    for r in results:
+        written.extend(r["infos"])
+        ledger.extend(r["ledger"])
     write_shardset_manifest(shards_out, written, {"deduplicated_from": inputs.root})
     table = pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA)
     with storage.atomic_write(storage.join(out, "rejects", "dedup.parquet")) as f:
         pq.write_table(table, f)
     kept = int(np.sum([i.stats.samples for i in written]))
-    return {"shards": len(written), "written": kept, "dropped": len(ledger)}
+    return {"shards": len(written), "written": kept, "dropped": len(ledger), **stats}

@@ -110,6 +110,7 @@ class DedupConfig:
     partitions: int | None = None  # shuffle partitions; None: from the row count
     rows_per_partition: int = 1_000_000
     local_graph_max: int = 1_000_000  # pairs/edges/drops handled in the driver; beyond, by shuffles
+    task_rows: int = 50_000  # most samples per features task (a shard is cut into row ranges)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +118,7 @@ class DedupConfig:
     def config_hash(self) -> str:
         """Covers everything that changes which samples are dropped (not the partitioning)."""
         doc = self.as_dict()
-        for k in ("partitions", "rows_per_partition", "local_graph_max"):
+        for k in ("partitions", "rows_per_partition", "local_graph_max", "task_rows"):
             doc.pop(k)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -9,18 +9,26 @@ plus a MinHash of the fingerprint's item halves for bucketing. Features a sample
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from filters.content_hash import media_digest, text_digest
 from filters.dedup import chromaprint, minhash
+from filters.dedup.buckets import BAND_SCHEMA, band_rows
 from filters.dedup.config import DedupConfig
+from filters.dedup.grouping import partition_of
 from filters.dedup.inputs import ShardInput, node_of
 from filters.dedup.phash import phash64
-from shards.reader import iter_samples
+from shards import storage
+from shards.codec import decode_sample
+from shards.reader import iter_samples, split_key
+from shards.tarstream import iter_members
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -91,15 +99,17 @@ def sample_features(rows: list[dict[str, Any]], nodes: list[int], cfg: DedupConf
     mh = cfg.minhash
     if mh.enabled and texts:
         order = sorted(texts)
-        units, lengths = minhash.unit_hashes([texts[i] for i in order], mh.unit)
-        hashes, counts = minhash.ngram_hashes(units, lengths, mh.ngram)
-        sigs = minhash.signatures(hashes, counts, mh.num_perm, mh.seed)
-        sets = distinct_per_doc(hashes, counts) if mh.verify == "exact" else None
-        for j, i in enumerate(order):
-            if lengths[j] >= mh.min_units:
-                minhashes[i] = sigs[j].tobytes()
-                if sets is not None:
-                    shingles[i] = sets[j].tobytes()
+        ordered = [texts[i] for i in order]
+        for start, stop in minhash.text_chunks(ordered):  # cache-sized: cost per text independent of the batch
+            units, lengths = minhash.unit_hashes(ordered[start:stop], mh.unit)
+            hashes, counts = minhash.ngram_hashes(units, lengths, mh.ngram)
+            sigs = minhash.signatures(hashes, counts, mh.num_perm, mh.seed)
+            sets = distinct_per_doc(hashes, counts) if mh.verify == "exact" else None
+            for j, i in enumerate(order[start:stop]):
+                if lengths[j] >= mh.min_units:
+                    minhashes[i] = sigs[j].tobytes()
+                    if sets is not None:
+                        shingles[i] = sets[j].tobytes()
 
     errors: list[str | None] = [None] * n
     phashes: list[int | None] = [None] * n
@@ -149,17 +159,101 @@ def distinct_per_doc(hashes: np.ndarray, counts: np.ndarray) -> list[np.ndarray]
     return [h[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
 
 
-def shard_features(shard: ShardInput, cfg: DedupConfig, chunk: int = 2048) -> pa.Table:
-    """Features of every sample of one shard, read in chunks so memory stays bounded."""
-    parts = []
+def iter_rows(path: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``start`` to ``stop`` of one of our shards. Members of the samples before ``start``
+    are skipped by their headers, never read or decoded, so row ranges of one shard are cheap to
+    hand to different workers. Our shards hold one sample per key, in order."""
+    if start == 0 and stop is None:
+        yield from iter_samples(path)
+        return
+    state = {"key": None, "row": -1}
+
+    def want(member) -> bool:
+        if not member.isfile():
+            return False
+        key = split_key(member.name)[0]
+        if key != state["key"]:
+            state["key"], state["row"] = key, state["row"] + 1
+        return start <= state["row"] and (stop is None or state["row"] < stop)
+
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    with storage.open_read(path) as f:
+        for member, data in iter_members(f, want):
+            if data is None:
+                if stop is not None and state["row"] >= stop:
+                    break
+                continue
+            key, ext = split_key(member.name)
+            if key != current:
+                if current is not None:
+                    yield decode_sample(current, members, source=path, locator=f"{path}#{current}")
+                current, members = key, {}
+            members[ext] = data
+    if current is not None:
+        yield decode_sample(current, members, source=path, locator=f"{path}#{current}")
+
+
+def shard_features(shard: ShardInput, cfg: DedupConfig, chunk: int = 2048, start: int = 0, stop: int | None = None):
+    """Features of the samples of one shard (or a row range of it), a chunk at a time."""
     rows: list[dict[str, Any]] = []
     nodes: list[int] = []
-    for r, sample in enumerate(iter_samples(shard.path)):
+    produced = False
+    for r, sample in enumerate(iter_rows(shard.path, start, stop), start=start):
         rows.append(sample)
         nodes.append(node_of(shard.index, r))
         if len(rows) >= chunk:
-            parts.append(sample_features(rows, nodes, cfg))
+            yield sample_features(rows, nodes, cfg)
+            produced = True
             rows, nodes = [], []
-    if rows or not parts:
-        parts.append(sample_features(rows, nodes, cfg))
-    return pa.concat_tables(parts)
+    if rows or not produced:
+        yield sample_features(rows, nodes, cfg)
+
+
+@dataclass(frozen=True)
+class FeatureTask:
+    """Rows ``start`` to ``stop`` of one shard: their features go to ``features_dir``, their band
+    rows, split by shuffle partition, to ``bands_dir/p-NNNNN/`` (the candidates phase reads one
+    partition at a time, so no worker ever holds more than a partition)."""
+
+    task: int
+    shard: ShardInput
+    start: int
+    stop: int
+    cfg: DedupConfig
+    features_dir: str
+    bands_dir: str
+    partitions: int
+
+
+def band_file(bands_dir: str, partition: int, task: int) -> str:
+    return storage.join(bands_dir, f"p-{partition:05d}", f"t-{task:06d}.parquet")
+
+
+def features_task(t: FeatureTask) -> dict[str, Any]:
+    """Features and band rows of one row range: features streamed to Parquet a chunk at a time,
+    band rows kept per partition (about 100 bytes per sample) and written at the end."""
+    rows = errors = 0
+    by_part: dict[int, list[pa.Table]] = {}
+    path = storage.join(t.features_dir, f"part-{t.task:06d}.parquet")
+    storage.makedirs(t.features_dir)
+    with storage.atomic_write(path) as f, pq.ParquetWriter(f, FEATURES_SCHEMA) as writer:
+        for table in shard_features(t.shard, t.cfg, start=t.start, stop=t.stop):
+            writer.write_table(table)
+            rows += len(table)
+            errors += len(table) - table["error"].null_count
+            bands = band_rows(table, t.cfg)
+            if not len(bands):
+                continue
+            part = partition_of(bands["key"].to_numpy(), t.partitions)
+            order = np.argsort(part, kind="stable")
+            bands, part = bands.take(pa.array(order)), part[order]
+            bounds = np.searchsorted(part, np.arange(t.partitions + 1))
+            for p in np.flatnonzero(np.diff(bounds)).tolist():
+                by_part.setdefault(p, []).append(bands.slice(bounds[p], bounds[p + 1] - bounds[p]))
+    for p, tables in by_part.items():
+        target = band_file(t.bands_dir, p, t.task)
+        storage.makedirs(target.rsplit("/", 1)[0])
+        with storage.atomic_write(target) as f:
+            pq.write_table(pa.concat_tables(tables).cast(BAND_SCHEMA), f)
+    return {"rows": rows, "errors": errors, "partitions": sorted(by_part)}

@@ -1,23 +1,36 @@
-"""``run_dedup``: exact and near-duplicate detection over a finished run (or any shard set) on Ray Data.
+"""``run_dedup``: exact and near-duplicate detection over a finished run (or any shard set).
 
-    features ──► candidates ──► edges ──► components ──► duplicates ──► apply
-    (per shard)  (band shuffle) (verify    (connected     (kept id of    (rewrite shards, ledger
-                                 joins)     components)    each drop)     the drops, manifests)
+    features+bands ──► candidates ──► edges ──► components ──► duplicates ──► apply
+    (row ranges of     (one task per  (verify    (connected     (kept id of    (rewrite shards, ledger
+     shards, in         band          pairs)     components)    each drop)     the drops, manifests)
+     parallel)          partition)
 
 Each phase is materialised as Parquet under the work directory with a done marker (see
 ``filters.dedup.workdir``), so a crashed job resumes at the first unfinished phase. No phase holds
-all signatures in one process: features are per shard, the other phases shuffle by key and work on
-one partition at a time. Which copy stays: the smallest node, i.e. the first copy in shard order.
+all signatures in one process. The features phase cuts every shard into row ranges (a one-shard
+input still fills every core) and writes, besides the features, each range's band rows split by
+shuffle partition: that is the shuffle, done as files, so the candidates phase is one task per
+partition and a worker holds ``rows / partitions`` band rows whatever the corpus size.
+
+Tasks run through ``filters.dedup.runner``: plain Ray tasks when a cluster is given (or Ray is
+already running), a local process pool otherwise; the task functions are the same. Only graphs
+larger than ``local_graph_max`` pairs take the Ray Data shuffles of the distributed verify,
+components and kept-id phases. Which copy stays: the smallest node, i.e. the first copy in shard
+order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,13 +45,13 @@ from filters.dedup.buckets import (
     METHODS,
     MINHASH,
     VERIFIED_LATER,
-    band_rows,
     bucket_candidates,
 )
 from filters.dedup.config import DedupConfig
-from filters.dedup.features import FEATURES_SCHEMA, shard_features
+from filters.dedup.features import FEATURES_SCHEMA, FeatureTask, features_task
 from filters.dedup.grouping import shuffle_groups
-from filters.dedup.inputs import Inputs, ShardInput, resolve
+from filters.dedup.inputs import Inputs, resolve
+from filters.dedup.runner import LOCAL, RAY, Runner, peak_rss
 from filters.dedup.verify import JOIN_SCHEMA, blob_column, compare_pairs, verify
 from filters.dedup.workdir import WorkDir, arrow_filesystem
 from shards import storage
@@ -56,6 +69,9 @@ DUPLICATE_SCHEMA = pa.schema(
 KEPT_SCHEMA = pa.schema([*DUPLICATE_SCHEMA, pa.field("root_id", pa.string())])
 MAX_ROUNDS = 100
 NODE_IDS = "edges-node-ids"  # (node, id) of every candidate node, kept by the local verification
+BANDS = "bands"  # the features phase's band rows, one folder per shuffle partition
+WANTED = "edges-wanted.npy"  # the candidate nodes whose features the local verification fetches
+MIN_TASK_ROWS = 1000
 
 
 @contextlib.contextmanager
@@ -76,21 +92,49 @@ def data_context(progress: bool) -> Iterator[None]:
         ctx.shuffle_strategy, ctx.target_max_block_size, ctx.enable_progress_bars = saved
 
 
+def ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 class Phases:
-    """The Ray Data side: read and write phase outputs, run one phase.
+    """The phases: tasks through a ``Runner``, phase outputs under the work directory.
 
     Verification, components and the kept-id lookup each have two forms: when the duplicate graph
     is small (at most ``local_graph_max`` pairs) the driver holds the graph, and only the features
-    of its nodes, fetched by a map-only pass; otherwise they run as shuffles. Neither form ever
-    holds all signatures in one process.
+    of its nodes, fetched by one task per feature file; otherwise they run as Ray Data shuffles
+    (Ray is started then, if it is not running). Neither form ever holds all signatures in one
+    process.
     """
 
-    def __init__(self, work: WorkDir, cfg: DedupConfig, inputs: Inputs) -> None:
-        self.work, self.cfg, self.inputs = work, cfg, inputs
+    def __init__(
+        self,
+        work: WorkDir,
+        cfg: DedupConfig,
+        inputs: Inputs,
+        runner: Runner,
+        ray_settings: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.work, self.cfg, self.inputs, self.runner = work, cfg, inputs, runner
+        self.ray_settings, self.progress = ray_settings, progress
+        self.stack = contextlib.ExitStack()
+        self._ray_ready = False
+
+    def ensure_ray(self) -> None:
+        """Ray Data for the distributed forms: started on first use, with the job's data context."""
+        if self._ray_ready:
+            return
+        if not ray_running():
+            from pipelines.ray_executor import init_ray
+
+            init_ray(self.ray_settings or {"num_cpus": self.runner.workers, "log_to_driver": False})
+        self.stack.enter_context(data_context(self.progress))
+        self._ray_ready = True
 
     # ------------------------------------------------------------ I/O
 
     def read(self, phase: str, schema: pa.Schema):
+        self.ensure_ray()
         return read_dir(self.work.path(phase), schema)
 
     def write(self, ds, out: str, schema: pa.Schema) -> int:
@@ -102,44 +146,54 @@ class Phases:
         return parquet_rows(out)
 
     def partitions(self) -> int:
+        """Shuffle partitions: about ``rows_per_partition`` rows each (about 16 band rows per sample)."""
         if self.cfg.partitions:
             return int(self.cfg.partitions)
-        import ray
-
-        rows = (self.work.done("features") or {}).get("rows", 0)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        return max(cpus, min(4096, math.ceil(rows * 16 / self.cfg.rows_per_partition)))
+        rows = (self.work.done("features") or {}).get("rows") or sum(s.samples for s in self.inputs.shards)
+        return max(self.runner.workers, min(4096, math.ceil(rows * 16 / self.cfg.rows_per_partition)))
 
     # ------------------------------------------------------------ phases
 
+    def feature_tasks(self, out: str, partitions: int) -> list[FeatureTask]:
+        """Row ranges of every shard: at least two per worker when the input allows, at most
+        ``task_rows`` rows each (a task's memory is bounded by that, not by the shard)."""
+        shards = self.inputs.shards
+        total = sum(s.samples for s in shards)
+        size = max(MIN_TASK_ROWS, min(self.cfg.task_rows, math.ceil(total / (2 * self.runner.workers))))
+        tasks: list[FeatureTask] = []
+        bands = self.work.path(BANDS)
+        for shard in shards:
+            pieces = max(1, math.ceil(shard.samples / size))
+            bounds = [round(i * shard.samples / pieces) for i in range(pieces + 1)]
+            for i in range(pieces):
+                stop = bounds[i + 1] if i + 1 < pieces else None  # the last range reads to the end
+                tasks.append(FeatureTask(len(tasks), shard, bounds[i], stop, self.cfg, out, bands, partitions))
+        return tasks
+
     def features(self, out: str) -> dict[str, Any]:
-        import ray
-
-        cfg = self.cfg
-        items = [{"shard": json.dumps(vars(s))} for s in self.inputs.shards]
-        if not items:
-            return {"rows": self.write(ray.data.from_arrow(FEATURES_SCHEMA.empty_table()), out, FEATURES_SCHEMA)}
-        opts = storage.storage_options()
-
-        def compute(batch: pa.Table) -> pa.Table:
-            storage.configure(**opts)
-            shards = [ShardInput(**json.loads(s)) for s in batch["shard"].to_pylist()]
-            return pa.concat_tables([shard_features(s, cfg) for s in shards])
-
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(compute, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
-        rows = self.write(ds, out, FEATURES_SCHEMA)
-        errors = tally(
-            read_dir(out, FEATURES_SCHEMA, ["error"]), lambda t: {"errors": pc.sum(pc.is_valid(t["error"])).as_py()}
-        )
-        return {"rows": rows, "feature_errors": errors.get("errors", 0)}
+        """Features and band rows in one pass over the shards (the bands are the shuffle's input)."""
+        self.work.remove(BANDS)
+        partitions = self.partitions()
+        self.cfg.minhash.lsh(), self.cfg.chromaprint.lsh()  # cached: forked workers inherit the parameters
+        results, stats = self.runner.map(features_task, self.feature_tasks(out, partitions))
+        return {
+            "rows": sum(r["rows"] for r in results),
+            "feature_errors": sum(r["errors"] for r in results),
+            "partitions": partitions,
+            **stats,
+        }
 
     def candidates(self, out: str) -> dict[str, Any]:
-        cfg = self.cfg
-        bands = self.read("features", FEATURES_SCHEMA).map_batches(lambda t: band_rows(t, cfg), batch_format="pyarrow")
-        ds = shuffle_groups(bands, _key_column, lambda t: bucket_candidates(t, cfg), self.partitions())
-        rows = self.write(ds, out, EDGE_SCHEMA)
-        return {"rows": rows, "by_method": self.method_counts("candidates") if rows else {}}
+        """One task per band partition: bucket the rows, emit candidate (and confirmed) pairs."""
+        partitions = int(self.work.done("features")["partitions"])
+        tasks = [CandidateTask(p, self.cfg, self.work.path(BANDS), out) for p in range(partitions)]
+        tasks = [t for t in tasks if storage.listdir(t.folder(), ".parquet")]
+        results, stats = self.runner.map(candidates_task, tasks)
+        by_method: dict[str, int] = {}
+        for r in results:
+            for k, v in r["by_method"].items():
+                by_method[k] = by_method.get(k, 0) + v
+        return {"rows": sum(r["rows"] for r in results), "by_method": by_method, **stats}
 
     def method_counts(self, phase: str) -> dict[str, int]:
         """Pairs per method of a graph-sized phase output (one int8 column read here)."""
@@ -152,11 +206,11 @@ class Phases:
         if (self.work.done("candidates") or {}).get("rows", 0) <= self.cfg.local_graph_max:
             candidates = self.work.read_table("candidates") if parquet_rows(self.work.path("candidates")) else None
             candidates = candidates if candidates is not None else EDGE_SCHEMA.empty_table()
-            needed = ["node", "id", *sorted({blob_column(m, self.cfg) for m in methods})]
-            features = read_dir(self.work.path("features"), FEATURES_SCHEMA, needed)
-            table = verify_local(features, candidates, methods, self.cfg, self.work.path(NODE_IDS))
+            columns = ["node", "id", *sorted({blob_column(m, self.cfg) for m in methods})]
+            fetched, stats = self.fetch_nodes(candidates, columns)
+            table = verify_local(fetched, candidates, methods, self.cfg, self.work.path(NODE_IDS))
             write_table(table, storage.join(out, "part-0.parquet"))
-            return {"rows": len(table), "by_method": method_counts(table), "verify": "local"}
+            return {"rows": len(table), "by_method": method_counts(table), "verify": "local", **stats}
         features = self.read("features", FEATURES_SCHEMA)
         candidates = self.read("candidates", EDGE_SCHEMA)
         later = pa.array(VERIFIED_LATER, pa.int8())
@@ -166,6 +220,19 @@ class Phases:
         parts += [verify(features, candidates, m, self.cfg, self.partitions()) for m in methods]
         rows = self.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], out, EDGE_SCHEMA)
         return {"rows": rows, "by_method": self.method_counts("edges") if rows else {}, "verify": "distributed"}
+
+    def fetch_nodes(self, candidates: pa.Table, columns: list[str]) -> tuple[pa.Table, dict]:
+        """The feature rows of the candidates' nodes: the node set goes to a file, one task per
+        feature file picks its rows (a map-only semi-join)."""
+        wanted = np.unique(np.concatenate([candidates["a"].to_numpy(), candidates["b"].to_numpy()]))
+        path = self.work.path(WANTED)
+        with storage.atomic_write(path) as f:
+            np.save(f, wanted.astype(np.int64))
+        files = storage.listdir(self.work.path("features"), ".parquet") if len(wanted) else []
+        results, stats = self.runner.map(fetch_task, [FetchTask(f, path, tuple(columns)) for f in files])
+        tables = [r["table"] for r in results if len(r["table"])]
+        schema = pa.schema([FEATURES_SCHEMA.field(c) for c in columns])
+        return (pa.concat_tables(tables) if tables else schema.empty_table()), stats
 
     def components(self, out: str) -> dict[str, Any]:
         rows = (self.work.done("edges") or {}).get("rows", 0)
@@ -216,6 +283,7 @@ class Phases:
             table = attach_root_ids(drops, self.work.read_table(NODE_IDS))
             write_table(table, storage.join(out, "part-0.parquet"))
             return {"rows": rows, "mode": "local", "by_method": method_counts(table)}
+        self.ensure_ray()
         ids = read_dir(self.work.path("features"), FEATURES_SCHEMA, ["node", "id"]).map_batches(
             _id_rows, batch_format="pyarrow"
         )
@@ -274,35 +342,60 @@ def method_counts(t: pa.Table) -> dict[str, int]:
     return {METHODS[v]: int(c) for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
 
 
-def collect(ds) -> pa.Table:
-    """A small dataset as one Arrow table in the driver."""
-    import ray
+@dataclass(frozen=True)
+class CandidateTask:
+    partition: int
+    cfg: DedupConfig
+    bands_dir: str
+    out_dir: str
 
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if len(t)]
-    return pa.concat_tables(tables) if tables else ds.schema().base_schema.empty_table()
-
-
-def fetch_nodes(features, nodes: np.ndarray, columns: list[str]) -> pa.Table:
-    """The feature rows of a (small) set of nodes: the set goes to every block, a map-only semi-join."""
-    import ray
-
-    wanted = ray.put(np.unique(np.asarray(nodes, np.int64)))
-
-    def pick(t: pa.Table) -> pa.Table:
-        keep = np.isin(t["node"].to_numpy(), ray.get(wanted))
-        return t.select(columns).filter(pa.array(keep))
-
-    table = collect(features.map_batches(pick, batch_format="pyarrow"))
-    return table if len(table) else FEATURES_SCHEMA.empty_table().select(columns)
+    def folder(self) -> str:
+        return storage.join(self.bands_dir, f"p-{self.partition:05d}")
 
 
-def verify_local(features, candidates: pa.Table, methods: list[int], cfg: DedupConfig, ids_dir: str) -> pa.Table:
-    """Verification when the candidate graph fits the driver: one map-only pass fetches the ids
-    and blobs of the candidates' nodes (saved to ``ids_dir`` for the kept-id lookup), then pairs
-    are compared here. Exact and pHash pairs pass as they are."""
+def candidates_task(t: CandidateTask) -> dict[str, Any]:
+    """All band rows of one partition (every row of a key lands in the same partition): pairs."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for f in storage.listdir(t.folder(), ".parquet"):
+        with storage.open_read(f) as fh:
+            parts.append(pq.read_table(fh))
+    edges = bucket_candidates(pa.concat_tables(parts), t.cfg) if parts else EDGE_SCHEMA.empty_table()
+    if len(edges):
+        write_table(edges, storage.join(t.out_dir, f"part-{t.partition:05d}.parquet"))
+    return {"rows": len(edges), "by_method": method_counts(edges)}
+
+
+@dataclass(frozen=True)
+class FetchTask:
+    file: str  # a feature file
+    wanted: str  # .npy of the nodes wanted, sorted
+    columns: tuple[str, ...]
+
+
+def fetch_task(t: FetchTask) -> dict[str, Any]:
+    """The ``columns`` of the wanted nodes' rows in one feature file (blobs read only if any match)."""
+    import pyarrow.parquet as pq
+
+    wanted = np.load(io.BytesIO(storage.read_bytes(t.wanted)))
+    with storage.open_read(t.file) as fh:
+        pf = pq.ParquetFile(fh)
+        keep = np.isin(pf.read(columns=["node"])["node"].to_numpy(), wanted)
+        if not keep.any():
+            table = FEATURES_SCHEMA.empty_table().select(list(t.columns))
+        else:
+            table = pf.read(columns=list(t.columns)).filter(pa.array(keep))
+    return {"table": table}
+
+
+def verify_local(
+    fetched: pa.Table, candidates: pa.Table, methods: list[int], cfg: DedupConfig, ids_dir: str
+) -> pa.Table:
+    """Verification when the candidate graph fits the driver: ``fetched`` holds the ids and blobs
+    of the candidates' nodes (the ids are saved to ``ids_dir`` for the kept-id lookup), pairs are
+    compared here. Exact and pHash pairs pass as they are."""
     a, b, method = candidates["a"].to_numpy(), candidates["b"].to_numpy(), candidates["method"].to_numpy()
-    columns = sorted({blob_column(m, cfg) for m in methods})
-    fetched = fetch_nodes(features, np.concatenate([a, b]), ["node", "id", *columns])
     write_table(fetched.select(["node", "id"]), storage.join(ids_dir, "part-0.parquet"))
     order = np.argsort(fetched["node"].to_numpy())
     nodes = fetched["node"].to_numpy()[order]
@@ -496,6 +589,25 @@ def _attach_root_id(t: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- the job
 
 
+def choose_runner(executor: str, ray_settings: dict[str, Any] | None, workers: int | None) -> Runner:
+    """``auto``: Ray tasks when a cluster is named (``address``, RAY_ADDRESS) or Ray is already
+    running in this process, else a local process pool: on one machine both run the same tasks on
+    the same cores, and the pool does not pay Ray's start-up (seconds, ~700 MiB)."""
+    settings = ray_settings or {}
+    if executor == "auto":
+        cluster = settings.get("address") or os.environ.get("RAY_ADDRESS") or ray_running()
+        executor = RAY if cluster else LOCAL
+    if executor == RAY:
+        import ray
+
+        if not ray.is_initialized():
+            from pipelines.ray_executor import init_ray
+
+            init_ray({"num_cpus": workers or os.cpu_count() or 1, "log_to_driver": False, **settings})
+        return Runner(RAY, workers or int(ray.cluster_resources().get("CPU", 1)))
+    return Runner(LOCAL, workers or len(os.sched_getaffinity(0)))
+
+
 def run_dedup(
     target: str,
     work_dir: str | None = None,
@@ -504,11 +616,14 @@ def run_dedup(
     out: str | None = None,
     ray_settings: dict[str, Any] | None = None,
     progress: bool = False,
+    executor: str = "auto",
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Dedup a finished run (in place: duplicates move to its rejects ledger) or a shard set
-    (written filtered to ``out`` with its own ledger). Returns the job report."""
-    import ray
+    (written filtered to ``out`` with its own ledger). Returns the job report.
 
+    ``executor``: ``auto`` (default, see ``choose_runner``), ``local`` or ``ray``; ``workers``:
+    tasks at a time (default: the cores, or the cluster's CPUs)."""
     cfg = config if isinstance(config, DedupConfig) else DedupConfig.from_dict(config)
     inputs = resolve(target)
     work = WorkDir(
@@ -518,25 +633,46 @@ def run_dedup(
         work.check_config(cfg)  # applied already: the report stands
         return {**json.loads(storage.read_bytes(work.path("report.json"))), "resumed": True}
     inputs = work.start(cfg, inputs)
-    if not ray.is_initialized():
-        from pipelines.ray_executor import init_ray
-
-        init_ray(ray_settings or {"num_cpus": os.cpu_count() or 1, "log_to_driver": False})
-    phases = Phases(work, cfg, inputs)
-    report: dict[str, Any] = {"target": target, "work_dir": work.root, "config_hash": cfg.config_hash(), "phases": {}}
-    with data_context(progress):
+    started = time.perf_counter()
+    runner = choose_runner(executor, ray_settings, workers)
+    phases = Phases(work, cfg, inputs, runner, ray_settings, progress)
+    report: dict[str, Any] = {
+        "target": target,
+        "work_dir": work.root,
+        "config_hash": cfg.config_hash(),
+        "executor": {
+            "kind": runner.kind,
+            "workers": runner.workers,
+            "startup_s": round(time.perf_counter() - started, 3),
+        },
+        "phases": {},
+    }
+    with phases.stack:
         for name in ("features", "candidates", "edges", "components", "duplicates"):
-            report["phases"][name] = work.run(name, getattr(phases, name))
+            report["phases"][name] = work.run(name, measured(getattr(phases, name)))
             log.info("dedup phase %s: %s", name, report["phases"][name])
-    report["duplicates"] = report["phases"]["duplicates"]["rows"]
-    report["samples"] = report["phases"]["features"]["rows"]
-    if apply:
-        job_id = f"dd{cfg.config_hash()[:8]}"
-        if inputs.kind == "run":
-            report["applied"] = work.run("apply", lambda _: apply_to_run(inputs, work, job_id))
-        else:
-            if not out:
-                raise ValueError("deduplicating a shard set writes a filtered copy: give out=DIR")
-            report["applied"] = work.run("apply", lambda _: apply_to_shardset(inputs, work, out))
+        report["duplicates"] = report["phases"]["duplicates"]["rows"]
+        report["samples"] = report["phases"]["features"]["rows"]
+        if apply:
+            job_id = f"dd{cfg.config_hash()[:8]}"
+            if inputs.kind == "run":
+                report["applied"] = work.run("apply", measured(lambda _: apply_to_run(inputs, work, job_id, runner)))
+            else:
+                if not out:
+                    raise ValueError("deduplicating a shard set writes a filtered copy: give out=DIR")
+                report["applied"] = work.run("apply", measured(lambda _: apply_to_shardset(inputs, work, out, runner)))
     storage.write_bytes(work.path("report.json"), json.dumps(report, indent=1).encode())
     return report
+
+
+def measured(fn):
+    """A phase function whose info also gives the driver's CPU seconds and peak RSS so far."""
+
+    def run(out: str) -> dict[str, Any]:
+        cpu = time.process_time()
+        info = dict(fn(out) or {})
+        info["driver_cpu_s"] = round(time.process_time() - cpu, 3)
+        info["driver_peak_rss"] = peak_rss()
+        return info
+
+    return run

@@ -25,6 +25,7 @@ MAX_HASH = np.uint32(0xFFFFFFFF)
 _WORD_SEPARATOR = r"[^\p{L}\p{M}\p{N}]+"
 _BYTE_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-64 prime
 _CHUNK_ELEMENTS = 1 << 19  # shingles x permutations per matrix: 2 MB of uint32, cache-sized
+_CHUNK_CHARS = 1 << 18  # characters tokenised at a time (the temporaries are ~40 bytes per character)
 # Odd 64-bit multipliers that combine the hashes of an n-gram's members (position-dependent).
 _NGRAM_MULTIPLIERS = np.random.RandomState(0x5EED).randint(1, 1 << 62, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(
     1
@@ -141,11 +142,38 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed
     return np.ascontiguousarray(out.T)
 
 
+def text_chunks(texts: Sequence[str] | pa.Array, max_chars: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of whole texts of about ``max_chars`` characters each.
+
+    Tokenising and shingling make several 8-byte temporaries per input byte; done a chunk at a
+    time they stay in cache and the cost per document does not grow with the batch."""
+    max_chars = max_chars or _CHUNK_CHARS
+    if isinstance(texts, pa.Array | pa.ChunkedArray):
+        lengths = pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        lengths = np.fromiter((len(t) if t else 0 for t in texts), dtype=np.int64, count=len(texts))
+    if not len(lengths):
+        return []
+    ends = np.cumsum(lengths)
+    out, start = [], 0
+    while start < len(lengths):
+        base = ends[start - 1] if start else 0
+        stop = int(np.searchsorted(ends, base + max_chars, side="right"))
+        stop = min(len(lengths), max(stop, start + 1))
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 def text_signatures(
     texts: Sequence[str], num_perm: int = 128, ngram: int = 5, unit: str = "word", seed: int = 1
 ) -> np.ndarray:
-    hashes, counts = shingle_hashes(texts, ngram, unit)
-    return signatures(hashes, counts, num_perm, seed)
+    """``(docs, num_perm)`` signatures of texts, computed a cache-sized chunk at a time."""
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start, stop in text_chunks(texts):
+        hashes, counts = shingle_hashes(texts[start:stop], ngram, unit)
+        out[start:stop] = signatures(hashes, counts, num_perm, seed)
+    return out
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
@@ -163,14 +191,20 @@ class LshParams:
         cls, threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
     ) -> LshParams:
         """datasketch's optimum (weighted false positive + false negative area) for ``threshold``."""
-        from datasketch.lsh import _optimal_param
-
-        bands, rows = _optimal_param(threshold, num_perm, fp_weight, fn_weight)
-        return cls(bands, rows)
+        return cls(*_optimal_lsh(threshold, num_perm, fp_weight, fn_weight))
 
     def candidate_probability(self, jaccard: float) -> float:
         """Chance that two documents at ``jaccard`` share at least one band."""
         return 1.0 - (1.0 - jaccard**self.rows) ** self.bands
+
+
+@cache
+def _optimal_lsh(threshold: float, num_perm: int, fp_weight: float, fn_weight: float) -> tuple[int, int]:
+    """datasketch's numerical integration takes about half a second: once per process."""
+    from datasketch.lsh import _optimal_param
+
+    bands, rows = _optimal_param(threshold, num_perm, fp_weight, fn_weight)
+    return int(bands), int(rows)
 
 
 def band_keys(sigs: np.ndarray, params: LshParams, salt: int = 0) -> np.ndarray:

@@ -273,3 +273,75 @@ def level_recall(corpus: TextCorpus, predicted_root: Sequence[int]) -> dict[floa
         if i != base_of[f]:
             by_level[lv].append(predicted_root[i] == predicted_root[base_of[f]])
     return {lv: float(np.mean(v)) for lv, v in sorted(by_level.items(), reverse=True)}
+
+
+# ---------------------------------------------------------------- a planted corpus of any size
+
+
+@dataclass
+class ScaledCorpus:
+    """``n`` documents of ``words`` words; a share of them are variants of a base document at a
+    planted Jaccard level, scattered through the corpus. ``true_pairs``: every pair of one family
+    (a base and its variants) whose exact word 5-gram Jaccard is at least the threshold; documents
+    of different families share no 5-gram by more than chance (random draws from a 5k-word
+    vocabulary), so no other pair is near."""
+
+    texts: list[str]
+    family: np.ndarray
+    true_pairs: list[tuple[int, int]]
+
+
+def _gram_keys(tokens: np.ndarray, ngram: int = 5) -> np.ndarray:
+    """Distinct 64-bit keys of a token row's n-grams (exact up to 64-bit collisions)."""
+    acc = np.zeros(len(tokens) - ngram + 1, dtype=np.uint64)
+    for k in range(ngram):
+        acc = acc * np.uint64(1_000_003) + tokens[k : len(tokens) - ngram + 1 + k].astype(np.uint64)
+    return np.unique(acc)
+
+
+def planted_scaled(
+    n: int,
+    words: int = 100,
+    dup_share: float = 0.3,
+    levels: Sequence[float] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.5),
+    threshold: float = 0.8,
+    seed: int = 0,
+) -> ScaledCorpus:
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = defaultdict(int)
+    for doc in real_documents():
+        for w in doc.lower().split():
+            if w.isalpha() and w.isascii():
+                counts[w] += 1
+    vocab_words = sorted(counts, key=lambda w: (-counts[w], w))[:5000]
+    vocab = np.array(vocab_words, dtype=object)
+    freq = np.array([counts[w] for w in vocab_words], dtype=np.float64) ** 0.5  # flatter than the real Zipf
+    freq /= freq.sum()
+    n_var = int(n * dup_share)
+    n_base = n - n_var
+    tokens = rng.choice(len(vocab), size=(n, words), p=freq).astype(np.int32)
+    family = np.concatenate([np.arange(n_base), rng.integers(0, max(n_base, 1), n_var)])
+    level = np.concatenate([np.ones(n_base), rng.choice(np.asarray(levels, dtype=np.float64), n_var)])
+    survive = 2 * level / (1 + level)  # shingle share to keep for a Jaccard of `level`
+    rate = 1 - survive ** (1 / 5)
+    replace = rng.random((n_var, words)) < rate[n_base:, None]
+    variants = tokens[family[n_base:]].copy()
+    variants[replace] = tokens[n_base:][replace]  # fresh random words at the replaced positions
+    tokens[n_base:] = variants
+    order = rng.permutation(n)  # scatter variants through the corpus (and the shards)
+    tokens, family = tokens[order], family[order]
+    texts = [" ".join(vocab[row].tolist()) for row in tokens]
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, f in enumerate(family.tolist()):
+        members[f].append(i)
+    true_pairs = []
+    for group in members.values():
+        if len(group) < 2:
+            continue
+        keys = {i: _gram_keys(tokens[i]) for i in group}
+        for k, a in enumerate(group):
+            for b in group[k + 1 :]:
+                common = len(np.intersect1d(keys[a], keys[b], assume_unique=True))
+                if common / (len(keys[a]) + len(keys[b]) - common) >= threshold:
+                    true_pairs.append((a, b))
+    return ScaledCorpus(texts, family, true_pairs)
