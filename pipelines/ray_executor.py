@@ -30,47 +30,82 @@ log = logging.getLogger(__name__)
 GPU_BLOCK_ROWS = 256  # rows Ray hands a GPU actor per call when the step sets no batch_size
 
 
-class _StepActor:
-    """Holds one operator (and its model) for the lifetime of a Ray actor.
+Chain = list[tuple[dict[str, Any], str, int | None]]  # (step, stage name, batch size) run one after another
 
-    Each step gets its own subclass (``_actor_class``) that carries the step in class attributes, not
+
+class _ChainActor:
+    """Holds the operators of one Ray stage (and their models) for the lifetime of a Ray actor; they
+    load when the actor starts, so a pool's models load side by side before the first batch arrives.
+
+    Each stage gets its own subclass (``_actor_class``) that carries its steps in class attributes, not
     constructor arguments: Ray keeps those in the object store and warns on every actor it starts."""
 
-    step: ClassVar[dict[str, Any]]
-    stage: ClassVar[str]
+    chain: ClassVar[Chain]
     storage_opts: ClassVar[dict[str, Any]]
     imports: ClassVar[list[str]]
-    batch_size: ClassVar[int | None]
 
     def __init__(self) -> None:
-        storage.configure(**self.storage_opts)
-        self.op: Operator = build_operator(StepSpec(**self.step), self.imports)
-        self.op.setup()
+        self.run = _ChainRunner(self.chain, self.storage_opts, self.imports)
+        self.run.load()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return apply_step(self.op, self.stage, table, self.batch_size)
+        return self.run(table)
 
 
-def _actor_class(
-    step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str], batch_size: int | None
-) -> type[_StepActor]:
-    attrs = {"step": step, "stage": stage, "storage_opts": storage_opts, "imports": imports, "batch_size": batch_size}
-    return type(f"Step{stage.replace('-', '_')}", (_StepActor,), attrs)
+def _actor_class(chain: Chain, storage_opts: dict[str, Any], imports: list[str]) -> type[_ChainActor]:
+    attrs = {"chain": chain, "storage_opts": storage_opts, "imports": imports}
+    return type("Stage_" + "_".join(stage.replace("-", "_") for _, stage, _ in chain), (_ChainActor,), attrs)
 
 
-def _stateless_step(
-    step: dict[str, Any], stage: str, storage_opts: dict[str, Any], imports: list[str], batch_size: int | None
-):
-    op_holder: list[Operator] = []
+class _ChainRunner:
+    """Applies a stage's steps in order. As a task function its operators are built (and set up) on
+    the first call, once per worker process, not per batch."""
 
-    def fn(table: pa.Table) -> pa.Table:
-        if not op_holder:  # once per worker process, not per batch
-            storage.configure(**storage_opts)
-            op_holder.append(build_operator(StepSpec(**step), imports))
-            op_holder[0].setup()
-        return apply_step(op_holder[0], stage, table, batch_size)
+    def __init__(self, chain: Chain, storage_opts: dict[str, Any], imports: list[str]) -> None:
+        self.chain, self.storage_opts, self.imports = chain, storage_opts, imports
+        self.ops: list[tuple[Operator, str, int | None]] = []
 
-    return fn
+    def load(self) -> None:
+        storage.configure(**self.storage_opts)
+        for step, stage, batch_size in self.chain:
+            op = build_operator(StepSpec(**step), self.imports)
+            op.setup()
+            self.ops.append((op, stage, batch_size))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not self.ops:
+            self.load()
+        for op, stage, batch_size in self.ops:
+            table = apply_step(op, stage, table, batch_size)
+        return table
+
+
+def stage_groups(steps: list[StepSpec], resources: list[Resources]) -> list[list[int]]:
+    """Steps that run as one Ray stage: consecutive CPU steps that keep their operators' declared
+    resources share a stage (one actor pool, or one task, that applies them in turn), so a unit's
+    table crosses the object store once instead of once per step. A step with GPUs or with recipe
+    ``resources`` is a stage of its own, sized as the recipe says."""
+    groups: list[list[int]] = []
+    fusable_tail = False
+    for i, (step, res) in enumerate(zip(steps, resources, strict=True)):
+        fusable = res.gpus == 0 and not step.resources
+        if fusable and fusable_tail:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        fusable_tail = fusable
+    return groups
+
+
+def group_resources(members: list[Resources]) -> Resources:
+    """One stage's needs: its largest CPU and GPU ask, its members' memory together."""
+    if len(members) == 1:
+        return members[0]
+    return Resources(
+        cpus=max(r.cpus for r in members),
+        gpus=max(r.gpus for r in members),
+        memory_mb=sum(r.memory_mb for r in members),
+    )
 
 
 def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = False) -> None:
@@ -195,26 +230,28 @@ def run_ray(
 
     cluster = ray.cluster_resources()
     op_classes = [get_operator(step.op, tuple(recipe.imports)) for step in recipe.steps]
-    resources = [cls.resources.with_overrides(s.resources) for cls, s in zip(op_classes, recipe.steps, strict=True)]
-    check_fits(recipe, resources, cluster)
-    stateful = [cls.stateful for cls in op_classes]
+    step_res = [cls.resources.with_overrides(s.resources) for cls, s in zip(op_classes, recipe.steps, strict=True)]
+    check_fits(recipe, step_res, cluster)
+    groups = stage_groups(recipe.steps, step_res)
+    resources = [group_resources([step_res[i] for i in g]) for g in groups]
+    stateful = [any(op_classes[i].stateful for i in g) for g in groups]
     cluster_cpus = float(cluster.get("CPU", 1))
-    share = max(cluster_cpus - 1, cluster_cpus / 2) / max(1, sum(stateful))  # CPUs for each actor step
+    share = max(cluster_cpus - 1, cluster_cpus / 2) / max(1, sum(stateful))  # CPUs for each actor stage
     pools = [pool_sizes(res, share, float(cluster.get("GPU", 0))) for res in resources]
     cpus = cpu_reservations(resources, stateful, pools, cluster_cpus)
 
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
-    for i, step in enumerate(recipe.steps):
-        res = resources[i]
-        remote: dict[str, Any] = {"num_cpus": cpus[i], "num_gpus": res.gpus or None}
+    for g, members in enumerate(groups):
+        res = resources[g]
+        remote: dict[str, Any] = {"num_cpus": cpus[g], "num_gpus": res.gpus or None}
         if res.memory_mb:
             remote["memory"] = res.memory_mb * (1 << 20)
-        args = (vars(step), stage_name(i, step), opts, recipe.imports, res.batch_size)
-        if stateful[i]:
-            low, high = pools[i]
+        chain = [(vars(recipe.steps[i]), stage_name(i, recipe.steps[i]), step_res[i].batch_size) for i in members]
+        if stateful[g]:
+            low, high = pools[g]
             ds = ds.map_batches(
-                _actor_class(*args),
+                _actor_class(chain, opts, recipe.imports),
                 # a whole block (one unit) per call; Ray insists on a number for GPU steps
                 batch_size=res.batch_size or (GPU_BLOCK_ROWS if res.gpus else None),
                 batch_format="pyarrow",
@@ -223,7 +260,8 @@ def run_ray(
                 **remote,
             )
         else:
-            ds = ds.map_batches(_stateless_step(*args), batch_size=None, batch_format="pyarrow", **remote)
+            runner = _ChainRunner(chain, opts, recipe.imports)
+            ds = ds.map_batches(runner, batch_size=None, batch_format="pyarrow", **remote)
     ds = ds.map_batches(write, batch_size=None, batch_format="pyarrow", udf_modifying_row_count=True)
 
     seen: set[str] = set()

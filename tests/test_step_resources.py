@@ -128,3 +128,28 @@ def test_a_gpu_step_on_a_cluster_without_gpus_is_refused_before_it_waits_forever
     with pytest.raises(Exception, match=r"pipeline\[1\] \(test_where_am_i\) asks for 2 GPUs per actor but the Ray "):
         check_fits(recipe, resources, {"CPU": 8.0})
     check_fits(recipe, resources, {"CPU": 8.0, "GPU": 2.0})
+
+
+def test_cpu_steps_share_a_ray_stage_and_sized_steps_stand_alone() -> None:
+    from pipelines.ray_executor import group_resources, stage_groups
+
+    recipe = recipe_from_dict(
+        {
+            "output": "/tmp/x",
+            "sources": [{"type": "jsonl", "path": "/x"}],
+            "imports": list(IMPORTS),
+            "pipeline": [
+                "validate",
+                "content_hash",
+                "langid",
+                "test_where_am_i",  # a GPU step: its own stage
+                "text_quality",
+                {"op": "count_tokens", "resources": {"concurrency": 2}},  # sized by the recipe: its own stage
+                "keep",
+            ],
+        }
+    )
+    resources = [step_resources(s, IMPORTS) for s in recipe.steps]
+    assert stage_groups(recipe.steps, resources) == [[0, 1, 2], [3], [4], [5], [6]]
+    fused = group_resources(resources[:3])
+    assert fused.cpus == 1 and fused.gpus == 0 and fused.memory_mb == sum(r.memory_mb for r in resources[:3])
