@@ -236,7 +236,9 @@ def run_ray(
     resources = [group_resources([step_res[i] for i in g]) for g in groups]
     stateful = [any(op_classes[i].stateful for i in g) for g in groups]
     cluster_cpus = float(cluster.get("CPU", 1))
-    share = max(cluster_cpus - 1, cluster_cpus / 2) / max(1, sum(stateful))  # CPUs for each actor stage
+    # CPUs for each actor stage by default: three quarters of the cluster, leaving the reads and the
+    # shard writes (tasks) the rest; a recipe's concurrency overrides it
+    share = min(max(cluster_cpus - 1, cluster_cpus / 2), max(1.0, 0.75 * cluster_cpus)) / max(1, sum(stateful))
     pools = [pool_sizes(res, share, float(cluster.get("GPU", 0))) for res in resources]
     cpus = cpu_reservations(resources, stateful, pools, cluster_cpus)
 

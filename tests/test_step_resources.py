@@ -95,8 +95,9 @@ def test_a_gpu_step_with_an_autoscaling_pool_runs_on_four_actors(demo_sources, t
     step = {"op": "test_where_am_i", "params": {"delay_s": 0.3, "mark_dir": str(marks)}, "resources": pool}
     doc = _recipe(demo_sources, tmp_path / "run", "ray", step)
     m = run_recipe(recipe_from_dict(doc), progress=False)
-    started = sorted(p.name.split("-", 1)[1] for p in marks.iterdir())
-    assert started == ["gpu0", "gpu1", "gpu2", "gpu3"]  # four actor processes, each given its own GPU
+    started = [p.name.split("-", 1)[1] for p in marks.iterdir()]
+    # four actor processes, each given its own GPU (Ray may retire an idle one and start it again later)
+    assert set(started) == {"gpu0", "gpu1", "gpu2", "gpu3"}, started
     workers = Counter(w for (w,) in _shard_rows(tmp_path / "run", "worker"))
     assert sum(workers.values()) == m["written"] and len(workers) >= 2, workers
     assert {r for (r,) in _shard_rows(tmp_path / "run", "call_rows")} == {1}
