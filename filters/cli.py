@@ -41,6 +41,9 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     from filters.dedup.inputs import NotReady
     from filters.dedup.workdir import DedupRefused
 
+    if args.workers is not None and args.workers < 1:
+        print(f"omni: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     try:
         settings, executor = load_config(args.config)
         if args.ray_address:
@@ -53,6 +56,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
             out=args.out,
             ray_settings=executor or None,
             progress=not args.quiet,
+            executor=args.executor,
+            workers=args.workers,
         )
     except (NotReady, DedupRefused, ValueError, FileNotFoundError) as e:  # mistakes a user can fix
         print(f"omni: error: {e}", file=sys.stderr)
@@ -77,6 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", help="for a shard set: where the filtered copy goes")
     p.add_argument("--dry-run", action="store_true", help="find duplicates, change nothing")
     p.add_argument("--ray-address", help="connect to this Ray cluster instead of starting one")
+    p.add_argument(
+        "--executor",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="where the tasks run: Ray tasks (a cluster, or a local Ray), a local process pool, or"
+        " auto: Ray when a cluster is named or Ray is running, else the local pool",
+    )
+    p.add_argument("--workers", type=int, help="local pool size, or a local Ray's CPUs (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the full report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_dedup)
