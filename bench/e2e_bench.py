@@ -5,7 +5,11 @@ the recipe ``validate → content_hash → langid → count_tokens`` through the
 shards with manifests, rejects ledger, commit log), on the local executor and on a local Ray.
 Bare: read the files, PIL decode, xxhash the bytes and texts, one batched fastText ``predict``,
 one batched tokenizer call, Qwen2-VL's ``smart_resize`` for image tokens, tarfile + fsync.
-Ray's start-up is timed apart: the Ray row times a second run on the started cluster.
+
+Rows: the local executor (one process; Validate checks media on threads) and the same pair pinned
+to one core; Ray's start-up (``init_ray``, seconds) as its own row; the first Ray run including
+start-up; runs on the started Ray, alternated with bare. Ray uses every CPU, bare one loop: the
+row names say so. ``--scale N`` (or ``$E2E_SCALE``) multiplies the input (the 5x table).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import xxhash
 from PIL import Image
 
-from bench.common import MB, Row, best_times, jpeg_variants, main, result
+from bench.common import MB, Row, best_times, jpeg_variants, main, pinned, result
 from bench.langid_bench import texts
 from pipelines.demo_data import PHOTOS
 from pipelines.executor import run_recipe
@@ -104,8 +108,12 @@ def _bare(photos: Path, docs: Path, tokenizer: Path, out: Path) -> int:
     return len(samples)
 
 
-def run(quick: bool = False) -> list[Row]:
+def run(quick: bool = False, scale: int | None = None) -> list[Row]:
+    """``scale`` multiplies the input (the issue's 5x e2e table); default: ``$E2E_SCALE`` or 1."""
+    scale = max(1, int(scale or os.environ.get("E2E_SCALE") or 1))
     n_images, n_docs, repeats = (200, 2000, 1) if quick else (1000, 20_000, 3)
+    n_images, n_docs = n_images * scale, n_docs * scale
+    cpus = os.cpu_count() or 2
     runs = itertools.count()
     with tempfile.TemporaryDirectory(prefix="omni-e2e-") as tmp:
         root = Path(tmp)
@@ -113,10 +121,11 @@ def run(quick: bool = False) -> list[Row]:
         input_mb = (sum(p.stat().st_size for p in photos.iterdir()) + docs.stat().st_size) / MB
         n = n_images + n_docs
 
-        def ours(executor: str) -> None:
-            unit = max(50, n_images // (2 * (os.cpu_count() or 2)))
-            recipe = recipe_from_dict(_recipe(photos, docs, tokenizer, root / f"run-{next(runs)}", executor, unit))
-            manifest = run_recipe(recipe, progress=False)
+        def ours(executor: str, num_cpus: int = cpus) -> None:
+            unit = max(50, n_images // (2 * num_cpus))
+            spec = _recipe(photos, docs, tokenizer, root / f"run-{next(runs)}", executor, unit)
+            spec["executor"]["num_cpus"] = num_cpus
+            manifest = run_recipe(recipe_from_dict(spec), progress=False)
             if manifest["written"] != n:
                 raise RuntimeError(f"expected {n} samples written, got {manifest['written']}")
 
@@ -124,28 +133,82 @@ def run(quick: bool = False) -> list[Row]:
             if _bare(photos, docs, tokenizer, root / f"bare-{next(runs)}") != n:
                 raise RuntimeError("bare loop lost samples")
 
+        bare()  # warm-up: page cache, model files, imports, for both sides
+        ours("local")
         times = best_times({"ours": lambda: ours("local"), "bare": bare}, repeats)
+        with pinned(1):
+            one_core = best_times({"ours": lambda: ours("local", 1), "bare": bare}, repeats)
+
         import ray
 
+        from pipelines.ray_executor import init_ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        settings = _recipe(photos, docs, tokenizer, root / "unused", "ray", 50)["executor"]
         start = time.perf_counter()
-        ours("ray")  # starts the local Ray cluster
+        init_ray(settings)  # what a run on a machine without a cluster pays first: a local Ray
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        ours("ray")  # the first run on the fresh cluster: worker processes, actors, imports
         first_ray = time.perf_counter() - start
         ray_times = best_times({"ours": lambda: ours("ray"), "bare": bare}, repeats)
         ray.shutdown()
 
     what = f"{n_images} images + {n_docs} docs, {input_mb:.1f} MB; {' → '.join(STEPS)} → shards"
+    tag = "" if scale == 1 else f"@{scale}x"
+    ray_what = f"local Ray, {cpus} CPUs vs bare's one loop"
     return [
-        result("e2e.local", "samples/s", n / times["ours"], n / times["bare"], f"bare=libraries in one loop; {what}"),
-        result("e2e.local", "MB/s", input_mb / times["ours"], input_mb / times["bare"], "input bytes"),
         result(
-            "e2e.ray",
+            f"e2e.local{tag}",
+            "samples/s",
+            n / times["ours"],
+            n / times["bare"],
+            f"bare=libraries in one loop; {what}; ours: one process (validate's threads), {cpus} cores",
+        ),
+        result(f"e2e.local{tag}", "MB/s", input_mb / times["ours"], input_mb / times["bare"], "input bytes"),
+        result(
+            f"e2e.local{tag}[1 core]",
+            "samples/s",
+            n / one_core["ours"],
+            n / one_core["bare"],
+            "both pinned to one core (sched_setaffinity); ours with num_cpus 1",
+            cores=1,
+        ),
+        {
+            "stage": f"e2e.ray{tag}.startup",
+            "unit": "1/s",
+            "ours_per_s": round(1 / startup, 3),
+            "bare_per_s": None,
+            "ratio": None,
+            "notes": f"start-up {startup:.1f}s: init of a local Ray ({cpus} CPUs, 1 GB object store); bare has none",
+        },
+        result(
+            f"e2e.ray{tag}[first run]",
+            "samples/s",
+            n / (startup + first_ray),
+            n / ray_times["bare"],
+            f"Ray start-up + first run ({startup:.1f}s + {first_ray:.1f}s: workers, actors, imports); {ray_what}",
+        ),
+        result(
+            f"e2e.ray{tag}[{cpus} cpus]",
             "samples/s",
             n / ray_times["ours"],
             n / ray_times["bare"],
-            f"local Ray, {os.cpu_count()} CPUs, started; first run with start-up {first_ray:.1f}s",
+            f"Ray already started, runs alternated with bare; {ray_what}",
         ),
     ]
 
 
+def _main() -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--scale", type=int, default=None, help="input multiplier (the 5x table: --scale 5)")
+    known, rest = parser.parse_known_args(sys.argv[1:])
+    main(lambda quick: run(quick, known.scale), rest)
+
+
 if __name__ == "__main__":
-    main(run)
+    _main()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 from bench import (
     asr_bench,
     caption_bench,
@@ -31,9 +34,14 @@ MODULES = (
 
 
 def run(quick: bool = False) -> list[Row]:
+    """Every module's rows; each module's wall time goes to stderr as it finishes, and the total last."""
     rows: list[Row] = []
+    started = time.perf_counter()
     for module in MODULES:
+        start = time.perf_counter()
         rows.extend(module.run(quick))
+        print(f"bench: {module.__name__} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    print(f"bench: all {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     return rows
 
 

@@ -11,8 +11,7 @@ import os
 
 import numpy as np
 
-from bench.asr_bench import alternate_best, cpu_note
-from bench.common import Row, main, result
+from bench.common import Row, alternate_best, cpu_note, main, result
 from pipelines.demo_data import PHOTOS, STORIES
 from shards.schema import make_sample, samples_table
 from synth.ops_models import TTS
