@@ -14,6 +14,8 @@ The notes give the share of texts lingua reads: that share, at ~300 us a text ag
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 from bench.common import Row, best_times, main, pinned, result
@@ -56,21 +58,26 @@ def _row(stage: str, op: LangId, model, docs: list[str], repeats: int, notes: st
 
 
 def _lingua_share(op: LangId, docs: list[str]) -> float:
-    """Share of ``docs`` the op hands to lingua (counted by wrapping its detector)."""
+    """Share of ``docs`` the op hands to lingua, either mode (counted by wrapping its detectors)."""
     if op.lingua is None:
         return 0.0
-    real, count = op.lingua, [0]
+    real, count = {"lingua": op.lingua, "lingua_long": op.lingua_long}, [0]
 
     class Counting:
+        def __init__(self, detector: Any) -> None:
+            self.detector = detector
+
         def compute_language_confidence_values(self, text: str):
             count[0] += 1
-            return real.compute_language_confidence_values(text)
+            return self.detector.compute_language_confidence_values(text)
 
-    op.lingua = Counting()
+    for name, detector in real.items():
+        setattr(op, name, Counting(detector))
     try:
         op.classify(pa.array(docs))
     finally:
-        op.lingua = real
+        for name, detector in real.items():
+            setattr(op, name, detector)
     return count[0] / max(len(docs), 1)
 
 
