@@ -124,7 +124,7 @@ def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = 
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     dashboard = dashboard or bool(settings.get("dashboard", False))
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=int(settings.get("num_cpus", os.cpu_count() or 1)),
         num_gpus=settings.get("num_gpus"),  # None: Ray counts the machine's GPUs
@@ -136,7 +136,7 @@ def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = 
         **quiet,
     )
     if dashboard:
-        url = ray.get_runtime_context().dashboard_url or "127.0.0.1:8265"
+        url = context.dashboard_url or "127.0.0.1:8265"
         print(f"omni: Ray dashboard at http://{url.removeprefix('http://')}", flush=True)
 
 
