@@ -1,5 +1,6 @@
 """The dedup's task path without Ray: a one-shard input cut into row ranges, run on a local
-process pool, finds the planted duplicates; chunked signatures equal one-call signatures."""
+process pool, finds the planted duplicates; chunked signatures equal one-call signatures; the
+partitioned verify/components/kept-id steps drop exactly what their in-driver forms drop."""
 
 from __future__ import annotations
 
@@ -58,3 +59,31 @@ def test_one_shard_runs_as_row_ranges_on_a_local_pool(tmp_path: Path) -> None:
     scores = score_clusters(roots, corpus.true_pairs)
     assert scores.pair_precision == 1.0 and scores.drop_precision == 1.0
     assert scores.pair_recall >= 0.99 and scores.drop_recall >= 0.99
+
+
+def test_partitioned_graph_steps_equal_the_driver_ones(tmp_path: Path) -> None:
+    """``local_graph_max: 0`` sends verification, connected components and the kept-id lookup
+    through partition files (several feature files and partitions): same drops, same details."""
+    n = 1500
+    corpus = planted_scaled(n, words=40)
+    with ShardWriter(str(tmp_path / "shards"), "docs", max_samples=n // 3 + 1) as w:
+        for i, text in enumerate(corpus.texts):
+            w.write(make_sample("t", "text", [Segment("text", text=text)], locator=f"doc/{i}"))
+    write_shardset_manifest(str(tmp_path / "shards"), w.written, {})
+    ledgers, reports = {}, {}
+    for name, extra in (("driver", {}), ("partitioned", {"local_graph_max": 0, "task_rows": 300, "partitions": 5})):
+        reports[name] = run_dedup(
+            str(tmp_path / "shards"),
+            work_dir=str(tmp_path / f"work-{name}"),
+            out=str(tmp_path / f"out-{name}"),
+            config={"phash": False, "chromaprint": False, **extra},
+            executor="local",
+            workers=2,
+        )
+        rows = pq.read_table(tmp_path / f"out-{name}" / "rejects" / "dedup.parquet").to_pylist()
+        ledgers[name] = sorted((r["id"], r["detail"]) for r in rows)
+    phases = reports["partitioned"]["phases"]
+    assert phases["edges"]["verify"] == phases["components"]["mode"] == phases["duplicates"]["mode"] == "distributed"
+    assert phases["components"]["rounds"] >= 1 and phases["edges"]["tasks"] > 5
+    assert reports["driver"]["phases"]["components"]["mode"] == "local"
+    assert ledgers["partitioned"] == ledgers["driver"] and len(ledgers["driver"]) > 100

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
 from datasketch import MinHash
 
@@ -33,6 +34,36 @@ def test_signatures_equal_datasketch(unit: str, ngram: int) -> None:
 def test_short_documents_get_one_shingle_and_case_and_punctuation_do_not_matter() -> None:
     hashes, counts = minhash.shingle_hashes(["a b", "A, b!", "a b c d e f", ""], 5)
     assert counts.tolist() == [1, 1, 2, 0] and hashes[0] == hashes[1]
+
+
+def test_numpy_tokeniser_equals_the_arrow_regex_split() -> None:
+    """Words split and hashed from the raw UTF-8 bytes (the fast path) equal Arrow's regex split of
+    the lower-cased text, for ASCII, accents, CJK, Greek final sigma, emoji, combining marks,
+    non-breaking spaces and random code points; a slice of an Arrow array too."""
+    rng = random.Random(5)
+    texts = [
+        *DOCS[:20],
+        "",
+        "__a__b",
+        "Hello,World x",
+        "Über café — naïve façade",
+        "日本語のテキスト、句読点。漢字",
+        "emoji 😀 ok😀ok",
+        "ΟΔΥΣΣΕΥΣ σς",
+        "İstanbul ǅ ẞ",
+        "a\u00a0b\u2003c",
+        "१२३ ٣٤ x²y",
+        "e\u0301tude",
+    ]
+    for _ in range(100):
+        pool = [(32, 127), (0xA0, 0x3000), (0x10000, 0x20000)]
+        texts.append("".join(chr(rng.randrange(*rng.choice(pool))) for _ in range(rng.randrange(40))))
+    rng.shuffle(texts)
+    arr = pa.array([*texts, None], pa.large_string())
+    for chunk in (arr, arr.slice(3, 60)):
+        units, counts = minhash.word_units(chunk)
+        ref_units, ref_counts = minhash._regex_word_units(pa.compute.fill_null(chunk, ""))
+        assert np.array_equal(counts, ref_counts) and np.array_equal(units, ref_units)
 
 
 def test_estimate_tracks_exact_jaccard() -> None:

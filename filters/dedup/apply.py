@@ -12,6 +12,10 @@ after it, unowned old files (removed). Before rewriting, each shard's sha256 is 
 the one the features phase saw, so a dedup never drops the wrong rows.
 
 For a shard set, a filtered copy with its own manifest and ledger is written to ``out``.
+
+Each task reads its own shards' drops (the duplicates phase routes them by shard to
+``duplicates-by-shard/``), so neither the driver nor a worker holds the drops of the whole corpus.
+A work directory without that folder (made before it) has the driver hand each task its drops.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pyarrow.parquet as pq
 
 from filters.dedup.buckets import EXACT_MEDIA, EXACT_TEXT, METHODS
 from filters.dedup.inputs import Inputs, ShardInput, split_node
+from filters.dedup.partitioned import DROPS_BY_SHARD, KEPT_SCHEMA, parts_present, read_part
 from filters.dedup.runner import Runner
 from filters.dedup.workdir import WorkDir
 from pipelines.rundir import LEDGER_SCHEMA, RunDir
@@ -90,6 +95,26 @@ def filter_shard(
     if len(ledger) != len(drops):
         raise ShardChanged(f"{shard.path}: {len(drops)} duplicates planned, {len(ledger)} rows found")
     return writer.written, ledger
+
+
+def shard_drops(drops_dir: str, index: int) -> dict[int, tuple[str, int, float]]:
+    """The drops of one shard, from the duplicates phase's routing by shard."""
+    return drops_by_shard_of(read_part(drops_dir, index, KEPT_SCHEMA)).get(index, {})
+
+
+def planned_drops(work: WorkDir) -> int:
+    """Rows of the duplicates phase (footers only): every drop, applied now or by an earlier try."""
+    total = 0
+    for f in storage.listdir(work.path("duplicates"), ".parquet"):
+        with storage.open_read(f) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def routed_shards(work: WorkDir) -> tuple[str, set[int]] | None:
+    """(folder, shards with drops) when the duplicates phase routed its drops by shard."""
+    folder = work.path(DROPS_BY_SHARD)
+    return (folder, set(parts_present(folder))) if storage.exists(folder) else None
 
 
 def drops_by_shard_of(table: pa.Table) -> dict[int, dict[int, tuple[str, int, float]]]:
@@ -159,31 +184,51 @@ class UnitTask:
     shards: tuple[ShardInput, ...]
     drops: dict
     job_id: str
+    drops_dir: str | None = None  # read the drops of these shards from here (``drops`` is then empty)
+    with_drops: tuple[int, ...] = ()
 
 
 def unit_task(t: UnitTask) -> dict[str, Any]:
-    return apply_unit(t.run_root, t.unit, list(t.shards), t.drops, t.job_id)
+    drops = t.drops if t.drops_dir is None else {i: shard_drops(t.drops_dir, i) for i in t.with_drops}
+    return apply_unit(t.run_root, t.unit, list(t.shards), drops, t.job_id)
 
 
 def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str, runner: Runner) -> dict[str, Any]:
     run = RunDir(inputs.root)
     run.clean_uncommitted()
-    dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
-    by_shard = drops_by_shard_of(dups) if dups is not None else {}
+    routed = routed_shards(work)
     units: dict[str, list[ShardInput]] = {}
     for shard in inputs.shards:
         units.setdefault(shard.unit or "", []).append(shard)
-    affected = sorted({inputs.shards[i].unit or "" for i in by_shard})
-    tasks = [
-        UnitTask(
-            inputs.root,
-            u,
-            tuple(units[u]),
-            {s.index: by_shard[s.index] for s in units[u] if s.index in by_shard},
-            job_id,
-        )
-        for u in affected
-    ]
+    if routed is not None:
+        folder, present = routed
+        affected = sorted({inputs.shards[i].unit or "" for i in present})
+        tasks = [
+            UnitTask(
+                inputs.root,
+                u,
+                tuple(units[u]),
+                {},
+                job_id,
+                folder,
+                tuple(s.index for s in units[u] if s.index in present),
+            )
+            for u in affected
+        ]
+    else:
+        dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
+        by_shard = drops_by_shard_of(dups) if dups is not None else {}
+        affected = sorted({inputs.shards[i].unit or "" for i in by_shard})
+        tasks = [
+            UnitTask(
+                inputs.root,
+                u,
+                tuple(units[u]),
+                {s.index: by_shard[s.index] for s in units[u] if s.index in by_shard},
+                job_id,
+            )
+            for u in affected
+        ]
     results, stats = runner.map(unit_task, tasks)
     removed = run.clean_uncommitted()
     plan = json.loads(storage.read_bytes(run.path("plan.json")))
@@ -191,7 +236,7 @@ def _apply_to_run(inputs: Inputs, work: WorkDir, job_id: str, runner: Runner) ->
     return {
         "units": len(affected),
         "units_already_applied": int(sum(bool(r["skipped"]) for r in results)),
-        "dropped": len(dups) if dups is not None else 0,
+        "dropped": planned_drops(work),
         "stale_files_removed": removed,
         "written": manifest["written"],
         "rejected": manifest["rejected"],
@@ -204,23 +249,31 @@ class ShardTask:
     shard: ShardInput
     drops: dict
     out_dir: str
+    drops_dir: str | None = None  # read this shard's drops from here
 
 
 def shard_task(t: ShardTask) -> dict[str, Any]:
-    infos, ledger = filter_shard(t.shard, t.drops, t.out_dir, _stem(t.shard.name), t.shard.unit)
+    drops = t.drops if t.drops_dir is None else shard_drops(t.drops_dir, t.shard.index)
+    infos, ledger = filter_shard(t.shard, drops, t.out_dir, _stem(t.shard.name), t.shard.unit)
     return {"infos": infos, "ledger": ledger}
 
 
 def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str, runner: Runner) -> dict[str, Any]:
     """A filtered copy of a shard set: ``<name>-00000.tar`` per input shard that keeps samples, a
     manifest, and ``rejects/dedup.parquet``."""
-    dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
-    by_shard = drops_by_shard_of(dups) if dups is not None else {}
+    routed = routed_shards(work)
+    if routed is None:
+        dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
+        by_shard = drops_by_shard_of(dups) if dups is not None else {}
     shards_out = storage.join(out, "shards")
     storage.makedirs(shards_out)
     written: list[ShardInfo] = []
     ledger: list[dict[str, Any]] = []
-    tasks = [ShardTask(shard, by_shard.get(shard.index, {}), shards_out) for shard in inputs.shards]
+    if routed is None:
+        tasks = [ShardTask(shard, by_shard.get(shard.index, {}), shards_out) for shard in inputs.shards]
+    else:
+        folder, present = routed
+        tasks = [ShardTask(s, {}, shards_out, folder if s.index in present else None) for s in inputs.shards]
     results, stats = runner.map(shard_task, tasks)  # one task per shard, results in shard order
     for r in results:
         written.extend(r["infos"])

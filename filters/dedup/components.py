@@ -6,9 +6,10 @@ Two ways, same answer:
   propagation with pointer jumping in numpy. Memory is O(edges), the duplicate graph only (never
   all signatures): about 40 bytes per edge.
 * distributed otherwise: the alternating large-star / small-star contraction of Kiveris et al.
-  ("Connected Components in MapReduce and Beyond", 2014). Each step is one shuffle by node over the
-  edge list, so a worker holds one partition of edges; it converges in O(log^2 n) rounds to stars
-  around each component's minimum node. Every step is materialised, so a crash resumes at a step.
+  ("Connected Components in MapReduce and Beyond", 2014). Each step is one task per node
+  partition of the edge list (``filters.dedup.partitioned``), so a worker holds one partition; it
+  converges in O(log^2 n) rounds to stars around each component's minimum node. Every step is
+  materialised, so a crash resumes at a step.
 
 Nodes are ``shard << 32 | row``, so the smallest node is the first copy in shard order: the rule
 that decides which copy stays.

@@ -109,7 +109,7 @@ class DedupConfig:
     max_bucket: int = 64  # buckets up to this size give all pairs; larger ones a star and a chain
     partitions: int | None = None  # shuffle partitions; None: from the row count
     rows_per_partition: int = 1_000_000
-    local_graph_max: int = 1_000_000  # pairs/edges/drops handled in the driver; beyond, by shuffles
+    local_graph_max: int = 1_000_000  # pairs/edges/drops handled in the driver; beyond, by partition tasks
     task_rows: int = 50_000  # most samples per features task (a shard is cut into row ranges)
 
     def as_dict(self) -> dict[str, Any]:

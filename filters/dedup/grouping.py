@@ -1,18 +1,15 @@
-"""Vectorised group operations inside one shuffle partition, and the shuffle itself on Ray Data.
+"""Vectorised group operations inside one partition.
 
 Every global step of the dedup is "bring rows with the same key together, then work on each key's
 rows": band buckets, joins of edges with features, star contraction of the graph. Rows get a
-partition number from their key, Ray Data's sort-based ``groupby`` delivers each partition whole to
-one call, and inside it numpy sorts and splits the rows by key. A partition holds about
-``rows / partitions`` rows: that, not the corpus, bounds a worker's memory.
+partition number from their key (``partition_of``), are written to that partition's folder, and one
+task reads a whole partition, in which numpy sorts and splits the rows by key. A partition holds
+about ``rows / partitions`` rows: that, not the corpus, bounds a worker's memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import pyarrow as pa
 
 from filters.dedup.minhash import splitmix64
 
@@ -80,19 +77,3 @@ def unique_rows(*columns: np.ndarray) -> np.ndarray:
         same &= sc[1:] == sc[:-1]
     keep[1:] = ~same
     return order[keep]
-
-
-def shuffle_groups(
-    ds, key: Callable[[pa.Table], np.ndarray], fn: Callable[[pa.Table], pa.Table], partitions: int
-):  # -> ray.data.Dataset
-    """Apply ``fn`` to whole partitions of ``ds``, rows assigned by the uint64 ``key`` of each row."""
-
-    def add_partition(batch: pa.Table) -> pa.Table:
-        return batch.append_column(PART, pa.array(partition_of(key(batch), partitions), pa.int64()))
-
-    def call(group: pa.Table) -> pa.Table:
-        return fn(group.drop_columns([PART]))
-
-    ds = ds.map_batches(add_partition, batch_format="pyarrow", batch_size=None)
-    ds = ds.repartition(max(1, partitions))  # sort reducers = input blocks: bound each task's memory
-    return ds.groupby(PART).map_groups(call, batch_format="pyarrow")

@@ -13,15 +13,15 @@ shuffle partition: that is the shuffle, done as files, so the candidates phase i
 partition and a worker holds ``rows / partitions`` band rows whatever the corpus size.
 
 Tasks run through ``filters.dedup.runner``: plain Ray tasks when a cluster is given (or Ray is
-already running), a local process pool otherwise; the task functions are the same. Only graphs
-larger than ``local_graph_max`` pairs take the Ray Data shuffles of the distributed verify,
-components and kept-id phases. Which copy stays: the smallest node, i.e. the first copy in shard
-order.
+already running), a local process pool otherwise; the task functions are the same. A duplicate
+graph of at most ``local_graph_max`` pairs is verified, labelled and given kept ids in the driver;
+a larger one by the partitioned steps of ``filters.dedup.partitioned`` (tasks over partition
+files, no Ray Data shuffle), so no worker's memory depends on the corpus size. Which copy stays:
+the smallest node, i.e. the first copy in shard order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -29,7 +29,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,47 +48,46 @@ from filters.dedup.buckets import (
 )
 from filters.dedup.config import DedupConfig
 from filters.dedup.features import FEATURES_SCHEMA, FeatureTask, features_task
-from filters.dedup.grouping import shuffle_groups
-from filters.dedup.inputs import Inputs, resolve
+from filters.dedup.inputs import Inputs, node_of, resolve
+from filters.dedup.partitioned import (
+    DROPS_BY_SHARD,
+    DUPLICATE_SCHEMA,
+    AttachBlobs,
+    ComparePairs,
+    KeptIds,
+    Labels,
+    Layout,
+    RouteCandidates,
+    ScatterEdges,
+    StarStep,
+    attach_blobs_task,
+    attach_root_ids,
+    best_links,
+    compare_task,
+    file_of,
+    kept_ids_task,
+    labels_task,
+    parts_present,
+    route_candidates_task,
+    save_feature_index,
+    scatter_edges_task,
+    split_by_shard,
+    split_write,
+    star_step_task,
+)
 from filters.dedup.runner import LOCAL, RAY, Runner, peak_rss
-from filters.dedup.verify import JOIN_SCHEMA, blob_column, compare_pairs, verify
-from filters.dedup.workdir import WorkDir, arrow_filesystem
+from filters.dedup.verify import JOIN_SCHEMA, blob_column, compare_pairs
+from filters.dedup.workdir import WorkDir
 from shards import storage
 
 log = logging.getLogger(__name__)
 
-DUPLICATE_SCHEMA = pa.schema(
-    [
-        pa.field("node", pa.int64()),
-        pa.field("root", pa.int64()),
-        pa.field("method", pa.int8()),
-        pa.field("score", pa.float32()),
-    ]
-)
-KEPT_SCHEMA = pa.schema([*DUPLICATE_SCHEMA, pa.field("root_id", pa.string())])
 MAX_ROUNDS = 100
 NODE_IDS = "edges-node-ids"  # (node, id) of every candidate node, kept by the local verification
+BY_FILE = "components-by-file"  # drops routed to the feature file of their root
 BANDS = "bands"  # the features phase's band rows, one folder per shuffle partition
 WANTED = "edges-wanted.npy"  # the candidate nodes whose features the local verification fetches
 MIN_TASK_ROWS = 1000
-
-
-@contextlib.contextmanager
-def data_context(progress: bool) -> Iterator[None]:
-    """Sort-based shuffles (cheap task shuffles, no actors) and blocks large enough that a shuffle
-    partition is never split, for the duration of the job only."""
-    import ray
-    from ray.data.context import ShuffleStrategy
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.shuffle_strategy, ctx.target_max_block_size, ctx.enable_progress_bars)
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1 << 30)
-    ctx.enable_progress_bars = progress
-    try:
-        yield
-    finally:
-        ctx.shuffle_strategy, ctx.target_max_block_size, ctx.enable_progress_bars = saved
 
 
 def ray_running() -> bool:
@@ -101,49 +99,15 @@ class Phases:
 
     Verification, components and the kept-id lookup each have two forms: when the duplicate graph
     is small (at most ``local_graph_max`` pairs) the driver holds the graph, and only the features
-    of its nodes, fetched by one task per feature file; otherwise they run as Ray Data shuffles
-    (Ray is started then, if it is not running). Neither form ever holds all signatures in one
-    process.
+    of its nodes, fetched by one task per feature file; otherwise they run as tasks over partition
+    files (``filters.dedup.partitioned``). Neither form ever holds all signatures in one process.
     """
 
-    def __init__(
-        self,
-        work: WorkDir,
-        cfg: DedupConfig,
-        inputs: Inputs,
-        runner: Runner,
-        ray_settings: dict[str, Any] | None = None,
-        progress: bool = False,
-    ) -> None:
+    def __init__(self, work: WorkDir, cfg: DedupConfig, inputs: Inputs, runner: Runner) -> None:
         self.work, self.cfg, self.inputs, self.runner = work, cfg, inputs, runner
-        self.ray_settings, self.progress = ray_settings, progress
-        self.stack = contextlib.ExitStack()
-        self._ray_ready = False
 
-    def ensure_ray(self) -> None:
-        """Ray Data for the distributed forms: started on first use, with the job's data context."""
-        if self._ray_ready:
-            return
-        if not ray_running():
-            from pipelines.ray_executor import init_ray
-
-            init_ray(self.ray_settings or {"num_cpus": self.runner.workers, "log_to_driver": False})
-        self.stack.enter_context(data_context(self.progress))
-        self._ray_ready = True
-
-    # ------------------------------------------------------------ I/O
-
-    def read(self, phase: str, schema: pa.Schema):
-        self.ensure_ray()
-        return read_dir(self.work.path(phase), schema)
-
-    def write(self, ds, out: str, schema: pa.Schema) -> int:
-        """Write ``ds`` as Parquet under ``out``; returns the number of rows."""
-        path, fs = arrow_filesystem(out)
-        storage.makedirs(out)
-        ds = ds.map_batches(lambda t: t.select(schema.names).cast(schema), batch_format="pyarrow")
-        ds.write_parquet(path, filesystem=fs)
-        return parquet_rows(out)
+    def layout(self) -> Layout:
+        return Layout(self.work.path("features"), self.partitions())
 
     def partitions(self) -> int:
         """Shuffle partitions: about ``rows_per_partition`` rows each (about 16 band rows per sample)."""
@@ -175,7 +139,9 @@ class Phases:
         self.work.remove(BANDS)
         partitions = self.partitions()
         self.cfg.minhash.lsh(), self.cfg.chromaprint.lsh()  # cached: forked workers inherit the parameters
-        results, stats = self.runner.map(features_task, self.feature_tasks(out, partitions))
+        tasks = self.feature_tasks(out, partitions)
+        save_feature_index(out, [node_of(t.shard.index, t.start) for t in tasks])
+        results, stats = self.runner.map(features_task, tasks)
         return {
             "rows": sum(r["rows"] for r in results),
             "feature_errors": sum(r["errors"] for r in results),
@@ -211,15 +177,41 @@ class Phases:
             table = verify_local(fetched, candidates, methods, self.cfg, self.work.path(NODE_IDS))
             write_table(table, storage.join(out, "part-0.parquet"))
             return {"rows": len(table), "by_method": method_counts(table), "verify": "local", **stats}
-        features = self.read("features", FEATURES_SCHEMA)
-        candidates = self.read("candidates", EDGE_SCHEMA)
-        later = pa.array(VERIFIED_LATER, pa.int8())
-        parts = [
-            candidates.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["method"], later))), batch_format="pyarrow")
-        ]
-        parts += [verify(features, candidates, m, self.cfg, self.partitions()) for m in methods]
-        rows = self.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], out, EDGE_SCHEMA)
-        return {"rows": rows, "by_method": self.method_counts("edges") if rows else {}, "verify": "distributed"}
+        return self._edges_partitioned(out)
+
+    def _edges_partitioned(self, out: str) -> dict[str, Any]:
+        """Candidates routed to their pair partition (confirmed) or their nodes' feature files (to
+        verify); blobs attached in one task per feature file; pairs compared per partition."""
+        layout = self.layout()
+        self.work.remove(NODE_IDS)
+        files = storage.listdir(self.work.path("candidates"), ".parquet")
+
+        def route(o: str) -> dict[str, Any]:
+            tasks = [
+                RouteCandidates(f, f"c-{i:06d}", layout, storage.join(o, "confirmed"), storage.join(o, "endpoints"))
+                for i, f in enumerate(files)
+            ]
+            return self.runner.map(route_candidates_task, tasks)[1]
+
+        routed = self.work.path("verify/routed")
+        steps = [self.work.run("verify/routed", route)]
+
+        def attach(o: str) -> dict[str, Any]:
+            ends = storage.join(routed, "endpoints")
+            tasks = [AttachBlobs(f, self.cfg, layout, ends, o) for f in parts_present(ends)]
+            return self.runner.map(attach_blobs_task, tasks)[1]
+
+        steps.append(self.work.run("verify/attached", attach))
+        attached, confirmed = self.work.path("verify/attached"), storage.join(routed, "confirmed")
+        partitions = sorted(set(parts_present(attached)) | set(parts_present(confirmed)))
+        tasks = [ComparePairs(q, self.cfg, attached, confirmed, out) for q in partitions]
+        results, stats = self.runner.map(compare_task, tasks)
+        return {
+            "rows": sum(r["rows"] for r in results),
+            "by_method": add_counts(r["by_method"] for r in results),
+            "verify": "distributed",
+            **merge_stats(*steps, stats),
+        }
 
     def fetch_nodes(self, candidates: pa.Table, columns: list[str]) -> tuple[pa.Table, dict]:
         """The feature rows of the candidates' nodes: the node set goes to a file, one task per
@@ -236,84 +228,88 @@ class Phases:
 
     def components(self, out: str) -> dict[str, Any]:
         rows = (self.work.done("edges") or {}).get("rows", 0)
+        self.work.remove(BY_FILE)
         if rows <= self.cfg.local_graph_max:
             table = duplicates_local(self.work.read_table("edges") if rows else EDGE_SCHEMA.empty_table())
             write_table(table, storage.join(out, "part-0.parquet"))
             return {"rows": len(table), "mode": "local"}
-        return self._components_distributed(out)
+        return self._components_partitioned(out)
 
-    def _components_distributed(self, out: str) -> dict[str, Any]:
-        parts = self.partitions()
-        stars = self.read("edges", EDGE_SCHEMA).map_batches(_edges_as_stars, batch_format="pyarrow")
-        previous = "stars/round-000-input"
-        self.work.run(previous, lambda o: {"rows": self.write(stars, o, cc.STAR_SCHEMA)})
+    def _components_partitioned(self, out: str) -> dict[str, Any]:
+        """Star contraction over node partitions, every step materialised (a crash resumes at a
+        step); then each partition's labels, written as the output and routed to the feature file
+        of their root."""
+        layout = self.layout()
+        edges = storage.listdir(self.work.path("edges"), ".parquet")
+
+        def scatter(o: str) -> dict[str, Any]:
+            tasks = [
+                ScatterEdges(f, f"e-{i:06d}", layout.partitions, storage.join(o, "stars"), storage.join(o, "links"))
+                for i, f in enumerate(edges)
+            ]
+            return {"partitions": layout.partitions, **self.runner.map(scatter_edges_task, tasks)[1]}
+
+        steps = [self.work.run("cc/round-000", scatter)]
+        # the links stay partitioned as round 0 made them, whatever a resumed job's setting is now
+        layout = Layout(layout.features, int(steps[0]["partitions"]))
+        source, links = self.work.path("cc/round-000", "stars"), self.work.path("cc/round-000", "links")
         for round_ in range(1, MAX_ROUNDS + 1):
             changed = 0
-            for step_name, step in (("large", cc.large_star), ("small", cc.small_star)):
-                name = f"stars/round-{round_:03d}-{step_name}"
-                source = self.read(previous, cc.STAR_SCHEMA).map_batches(cc.both_ways, batch_format="pyarrow")
+            for step in ("large", "small"):
 
-                def phase(o: str, source=source, step=step) -> dict[str, Any]:
-                    rows = self.write(shuffle_groups(source, _u_column, step, parts), o, cc.STAR_SCHEMA)
-                    flips = tally(
-                        read_dir(o, cc.STAR_SCHEMA, ["changed"]), lambda t: {"changed": pc.sum(t["changed"]).as_py()}
-                    )
-                    return {"rows": rows, "changed": flips.get("changed", 0)}
+                def run_step(o: str, source: str = source, step: str = step) -> dict[str, Any]:
+                    tasks = [StarStep(p, step, layout.partitions, source, o) for p in parts_present(source)]
+                    results, stats = self.runner.map(star_step_task, tasks)
+                    return {
+                        "rows": sum(r["rows"] for r in results),
+                        "changed": sum(r["changed"] for r in results),
+                        **stats,
+                    }
 
-                changed += self.work.run(name, phase)["changed"]
-                previous = name
+                name = f"cc/round-{round_:03d}-{step}"
+                steps.append(self.work.run(name, run_step))
+                changed += steps[-1]["changed"]
+                source = self.work.path(name)
             log.info("star contraction round %d: %d edges rewired", round_, changed)
             if changed == 0:
                 break
         else:
             raise RuntimeError(f"connected components did not converge in {MAX_ROUNDS} rounds")
-        labels = self.read(previous, cc.STAR_SCHEMA).map_batches(cc.star_labels, batch_format="pyarrow")
-        endpoints = self.read("edges", EDGE_SCHEMA).map_batches(_endpoint_scores, batch_format="pyarrow")
-        joined = labels.map_batches(_label_rows, batch_format="pyarrow").union(endpoints)
-        ds = shuffle_groups(joined, _node_column, _best_link, parts)
-        return {"rows": self.write(ds, out, DUPLICATE_SCHEMA), "mode": "distributed", "rounds": round_}
+        by_file = self.work.path(BY_FILE)
+        tasks = [Labels(p, layout, source, links, out, by_file) for p in parts_present(source)]
+        results, stats = self.runner.map(labels_task, tasks)
+        return {
+            "rows": sum(r["rows"] for r in results),
+            "mode": "distributed",
+            "rounds": round_,
+            **merge_stats(*steps, stats),
+        }
 
     def duplicates(self, out: str) -> dict[str, Any]:
         """Attach the kept sample's id to every dropped node: a join with the features by root node."""
         rows = (self.work.done("components") or {}).get("rows", 0)
+        self.work.remove(DROPS_BY_SHARD)
         node_ids = self.work.path(NODE_IDS)
         if rows <= self.cfg.local_graph_max and storage.listdir(node_ids, ".parquet"):
             # the verify phase kept the ids of every node with an edge; roots have edges
             drops = self.work.read_table("components") if rows else DUPLICATE_SCHEMA.empty_table()
             table = attach_root_ids(drops, self.work.read_table(NODE_IDS))
             write_table(table, storage.join(out, "part-0.parquet"))
+            split_by_shard(table, self.work.path(DROPS_BY_SHARD), "driver")
             return {"rows": rows, "mode": "local", "by_method": method_counts(table)}
-        self.ensure_ray()
-        ids = read_dir(self.work.path("features"), FEATURES_SCHEMA, ["node", "id"]).map_batches(
-            _id_rows, batch_format="pyarrow"
-        )
-        drops = self.read("components", DUPLICATE_SCHEMA).map_batches(_drop_rows, batch_format="pyarrow")
-        ds = shuffle_groups(ids.union(drops), _root_column, _attach_root_id, self.partitions())
-        self.write(ds, out, KEPT_SCHEMA)
-        return {"rows": rows, "mode": "distributed", "by_method": self.method_counts("duplicates") if rows else {}}
-
-
-# ---------------------------------------------------------------- per-partition functions
-
-
-def _key_column(t: pa.Table) -> np.ndarray:
-    return t["key"].to_numpy()
-
-
-def _u_column(t: pa.Table) -> np.ndarray:
-    return t["u"].to_numpy()
-
-
-def _node_column(t: pa.Table) -> np.ndarray:
-    return t["node"].to_numpy()
-
-
-def _root_column(t: pa.Table) -> np.ndarray:
-    return t["root"].to_numpy()
-
-
-def _edges_as_stars(t: pa.Table) -> pa.Table:
-    return pa.Table.from_arrays([t["a"], t["b"], pa.array(np.zeros(len(t), np.int8))], schema=cc.STAR_SCHEMA)
+        layout = self.layout()
+        by_file = self.work.path(BY_FILE)
+        if rows and not parts_present(by_file):  # components ran in the driver: route its drops here
+            drops = self.work.read_table("components")
+            split_write(drops, file_of(drops["root"].to_numpy(), layout.lows()), by_file, "driver")
+        tasks = [KeptIds(f, layout, by_file, out, self.work.path(DROPS_BY_SHARD)) for f in parts_present(by_file)]
+        results, stats = self.runner.map(kept_ids_task, tasks)
+        return {
+            "rows": sum(r["rows"] for r in results),
+            "mode": "distributed",
+            "by_method": add_counts(r["by_method"] for r in results),
+            **stats,
+        }
 
 
 def parquet_rows(path: str) -> int:
@@ -327,14 +323,21 @@ def parquet_rows(path: str) -> int:
     return total
 
 
-def tally(ds, fn) -> dict[str, int]:
-    """Add up ``fn(block) -> {name: count}`` over all blocks: a map-only aggregate, no shuffle."""
-    parts = ds.map_batches(lambda t: pa.table({"counts": [json.dumps(fn(t))]}), batch_format="pyarrow").take_all()
+def add_counts(parts) -> dict[str, int]:
     total: dict[str, int] = {}
-    for row in parts:
-        for k, v in json.loads(row["counts"]).items():
-            total[k] = total.get(k, 0) + int(v or 0)
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
     return total
+
+
+def merge_stats(*infos: dict[str, Any]) -> dict[str, Any]:
+    """Worker stats of several steps as one phase's: tasks and CPU seconds added, the largest peak."""
+    return {
+        "tasks": sum(i.get("tasks", 0) for i in infos),
+        "worker_cpu_s": round(sum(i.get("worker_cpu_s", 0) for i in infos), 3),
+        "worker_peak_rss": max((i.get("worker_peak_rss", 0) for i in infos), default=0),
+    }
 
 
 def method_counts(t: pa.Table) -> dict[str, int]:
@@ -424,57 +427,11 @@ def verify_local(
     return pa.concat_tables([p.cast(EDGE_SCHEMA) for p in parts])
 
 
-def attach_root_ids(drops: pa.Table, ids: pa.Table) -> pa.Table:
-    order = np.argsort(ids["node"].to_numpy())
-    nodes = ids["node"].to_numpy()[order]
-    pos = np.searchsorted(nodes, drops["root"].to_numpy())
-    if len(drops) and (
-        np.any(pos >= len(nodes)) or np.any(nodes[np.minimum(pos, len(nodes) - 1)] != drops["root"].to_numpy())
-    ):
-        raise RuntimeError("a kept node has no feature row; the features phase is incomplete")
-    root_ids = ids["id"].combine_chunks().take(pa.array(order[pos])) if len(drops) else pa.nulls(0, pa.string())
-    return drops.append_column("root_id", root_ids).cast(KEPT_SCHEMA)
-
-
-def read_dir(path: str, schema: pa.Schema, columns: list[str] | None = None):
-    """A Parquet folder as a Ray dataset, one task and one block per file (an empty dataset when the
-    folder holds none). Reading files in plain map tasks skips Ray's read planning, which costs
-    seconds per read and splits small phases into hundreds of tasks."""
-    import ray
-
-    files = storage.listdir(path, ".parquet")
-    if not files:
-        empty = schema.empty_table()
-        return ray.data.from_arrow(empty.select(columns) if columns else empty)
-    opts = storage.storage_options()
-
-    def read(batch: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
-
-        storage.configure(**opts)
-        parts = []
-        for f in batch["file"].to_pylist():
-            with storage.open_read(f) as fh:
-                table = pq.read_table(fh, columns=columns)
-            parts.append(table.cast(pa.schema([schema.field(c) for c in table.column_names])))
-        return pa.concat_tables(parts)
-
-    items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return items.map_batches(read, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
-
-
 def write_table(table: pa.Table, path: str) -> None:
     import pyarrow.parquet as pq
 
     with storage.atomic_write(path) as f:
         pq.write_table(table, f)
-
-
-def best_links(nodes: np.ndarray, methods: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per node, its strongest edge: highest score, then the lowest method (exact before near)."""
-    order = np.lexsort((methods, -scores, nodes))
-    first = order[np.concatenate([[True], nodes[order][1:] != nodes[order][:-1]])] if len(order) else order
-    return nodes[first], methods[first], scores[first]
 
 
 def duplicates_local(edges: pa.Table) -> pa.Table:
@@ -496,94 +453,6 @@ def duplicates_local(edges: pa.Table) -> pa.Table:
         ],
         schema=DUPLICATE_SCHEMA,
     )
-
-
-_JOIN = pa.schema(
-    [
-        pa.field("node", pa.int64()),
-        pa.field("root", pa.int64()),
-        pa.field("method", pa.int8()),
-        pa.field("score", pa.float32()),
-    ]
-)
-
-
-def _endpoint_scores(t: pa.Table) -> pa.Table:
-    n = len(t)
-    return pa.Table.from_arrays(
-        [
-            pa.concat_arrays([t["a"].combine_chunks(), t["b"].combine_chunks()]),
-            pa.array(np.full(2 * n, -1, np.int64)),
-            pa.concat_arrays([t["method"].combine_chunks()] * 2),
-            pa.concat_arrays([t["score"].combine_chunks()] * 2),
-        ],
-        schema=_JOIN,
-    )
-
-
-def _label_rows(t: pa.Table) -> pa.Table:
-    n = len(t)
-    return pa.Table.from_arrays(
-        [t["node"], t["root"], pa.array(np.full(n, -1, np.int8)), pa.array(np.full(n, np.nan, np.float32))],
-        schema=_JOIN,
-    )
-
-
-def _best_link(t: pa.Table) -> pa.Table:
-    node, root = t["node"].to_numpy(), t["root"].to_numpy()
-    method, score = t["method"].to_numpy(), t["score"].to_numpy()
-    is_label = root >= 0
-    label_nodes, label_roots = node[is_label], root[is_label]
-    keep = np.unique(label_nodes, return_index=True)[1]
-    label_nodes, label_roots = label_nodes[keep], label_roots[keep]
-    link_nodes, link_methods, link_scores = best_links(node[~is_label], method[~is_label], score[~is_label])
-    drop = label_nodes != label_roots
-    pos = np.searchsorted(link_nodes, label_nodes[drop])
-    return pa.Table.from_arrays(
-        [
-            pa.array(label_nodes[drop]),
-            pa.array(label_roots[drop]),
-            pa.array(link_methods[pos]),
-            pa.array(link_scores[pos]),
-        ],
-        schema=DUPLICATE_SCHEMA,
-    )
-
-
-_ROOT_JOIN = pa.schema([*DUPLICATE_SCHEMA, pa.field("root_id", pa.string())])
-
-
-def _id_rows(t: pa.Table) -> pa.Table:
-    """A feature row as a join row keyed by its own node: node -1 marks "this carries an id"."""
-    n = len(t)
-    return pa.Table.from_arrays(
-        [
-            pa.array(np.full(n, -1, np.int64)),
-            t["node"],
-            pa.array(np.full(n, -1, np.int8)),
-            pa.array(np.full(n, np.nan, np.float32)),
-            t["id"],
-        ],
-        schema=_ROOT_JOIN,
-    )
-
-
-def _drop_rows(t: pa.Table) -> pa.Table:
-    return t.append_column("root_id", pa.nulls(len(t), pa.string())).cast(_ROOT_JOIN)
-
-
-def _attach_root_id(t: pa.Table) -> pa.Table:
-    node, root = t["node"].to_numpy(), t["root"].to_numpy()
-    carriers = np.flatnonzero(node < 0)
-    carriers = carriers[np.argsort(root[carriers], kind="stable")]
-    drops = np.flatnonzero(node >= 0)
-    pos = np.searchsorted(root[carriers], root[drops])
-    pos = np.minimum(pos, max(len(carriers) - 1, 0))
-    if len(drops) and (not len(carriers) or np.any(root[carriers][pos] != root[drops])):
-        raise RuntimeError("a kept node has no feature row; the features phase is incomplete")
-    out = t.take(pa.array(drops))
-    ids = t["root_id"].take(pa.array(carriers[pos])) if len(drops) else pa.nulls(0, pa.string())
-    return out.set_column(out.schema.get_field_index("root_id"), "root_id", ids).cast(KEPT_SCHEMA)
 
 
 # ---------------------------------------------------------------- the job
@@ -623,7 +492,8 @@ def run_dedup(
     (written filtered to ``out`` with its own ledger). Returns the job report.
 
     ``executor``: ``auto`` (default, see ``choose_runner``), ``local`` or ``ray``; ``workers``:
-    tasks at a time (default: the cores, or the cluster's CPUs)."""
+    tasks at a time (default: the cores, or the cluster's CPUs). ``progress`` is accepted for the
+    CLI's sake; no phase runs a Ray Data job any more, so there are no progress bars to show."""
     cfg = config if isinstance(config, DedupConfig) else DedupConfig.from_dict(config)
     inputs = resolve(target)
     work = WorkDir(
@@ -635,7 +505,7 @@ def run_dedup(
     inputs = work.start(cfg, inputs)
     started = time.perf_counter()
     runner = choose_runner(executor, ray_settings, workers)
-    phases = Phases(work, cfg, inputs, runner, ray_settings, progress)
+    phases = Phases(work, cfg, inputs, runner)
     report: dict[str, Any] = {
         "target": target,
         "work_dir": work.root,
@@ -647,20 +517,19 @@ def run_dedup(
         },
         "phases": {},
     }
-    with phases.stack:
-        for name in ("features", "candidates", "edges", "components", "duplicates"):
-            report["phases"][name] = work.run(name, measured(getattr(phases, name)))
-            log.info("dedup phase %s: %s", name, report["phases"][name])
-        report["duplicates"] = report["phases"]["duplicates"]["rows"]
-        report["samples"] = report["phases"]["features"]["rows"]
-        if apply:
-            job_id = f"dd{cfg.config_hash()[:8]}"
-            if inputs.kind == "run":
-                report["applied"] = work.run("apply", measured(lambda _: apply_to_run(inputs, work, job_id, runner)))
-            else:
-                if not out:
-                    raise ValueError("deduplicating a shard set writes a filtered copy: give out=DIR")
-                report["applied"] = work.run("apply", measured(lambda _: apply_to_shardset(inputs, work, out, runner)))
+    for name in ("features", "candidates", "edges", "components", "duplicates"):
+        report["phases"][name] = work.run(name, measured(getattr(phases, name)))
+        log.info("dedup phase %s: %s", name, report["phases"][name])
+    report["duplicates"] = report["phases"]["duplicates"]["rows"]
+    report["samples"] = report["phases"]["features"]["rows"]
+    if apply:
+        job_id = f"dd{cfg.config_hash()[:8]}"
+        if inputs.kind == "run":
+            report["applied"] = work.run("apply", measured(lambda _: apply_to_run(inputs, work, job_id, runner)))
+        else:
+            if not out:
+                raise ValueError("deduplicating a shard set writes a filtered copy: give out=DIR")
+            report["applied"] = work.run("apply", measured(lambda _: apply_to_shardset(inputs, work, out, runner)))
     storage.write_bytes(work.path("report.json"), json.dumps(report, indent=1).encode())
     return report
 

@@ -57,27 +57,165 @@ def ngram_hashes(units: np.ndarray, lengths: np.ndarray, ngram: int) -> tuple[np
     document shorter than ``ngram`` units gives one shingle of all its units, as text-dedup tools
     do, so short documents still match their exact copies.
     """
-    lengths = lengths.astype(np.int64)
-    counts = np.where(lengths >= ngram, lengths - ngram + 1, (lengths > 0).astype(np.int64))
+    lengths = lengths.astype(np.int64, copy=False)
+    long = lengths >= ngram
+    counts = np.where(long, lengths - ngram + 1, (lengths > 0).astype(np.int64))
+    total = int(counts.sum())
+    units = units.astype(np.uint64, copy=False)
+    # every window of the concatenated units, from contiguous slices (no gathers); the windows
+    # that start inside a document and end in it are its n-grams
+    windows = max(len(units) - ngram + 1, 0)
+    acc = units[:windows] * _NGRAM_MULTIPLIERS[0]
+    for k in range(1, ngram):
+        acc += units[k : k + windows] * _NGRAM_MULTIPLIERS[k]
     doc_starts = np.cumsum(lengths) - lengths
     first = np.cumsum(counts) - counts
-    starts = np.repeat(doc_starts, counts) + (np.arange(int(counts.sum())) - np.repeat(first, counts))
-    width = np.minimum(np.repeat(lengths, counts), ngram)  # units in each shingle (< ngram only when short)
-    padded = np.concatenate([units.astype(np.uint64), np.zeros(ngram, dtype=np.uint64)])
-    acc = np.zeros(len(starts), dtype=np.uint64)
-    for k in range(ngram):
-        acc += np.where(k < width, padded[starts + k], np.uint64(0)) * _NGRAM_MULTIPLIERS[k]
+    if long.all():
+        acc = acc[np.repeat(doc_starts - first, counts) + np.arange(total)]
+    else:  # documents shorter than ngram: one shingle of all their units
+        out = np.empty(total, dtype=np.uint64)
+        docs = np.flatnonzero(long)
+        c = counts[docs]
+        j = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+        out[np.repeat(first[docs], c) + j] = acc[np.repeat(doc_starts[docs], c) + j]
+        short = np.flatnonzero(~long & (lengths > 0))
+        s_acc = np.zeros(len(short), dtype=np.uint64)
+        padded = np.concatenate([units, np.zeros(ngram, dtype=np.uint64)])
+        for k in range(ngram - 1):
+            s_acc += np.where(k < lengths[short], padded[doc_starts[short] + k], np.uint64(0)) * _NGRAM_MULTIPLIERS[k]
+        out[first[short]] = s_acc
+        acc = out
     return ((acc >> np.uint64(32)) ^ acc).astype(np.uint32), counts
 
 
 def word_units(texts: Sequence[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """A 64-bit hash of every lower-cased word (runs of letters, marks, digits), concatenated, and
-    words per text. Splitting runs in Arrow (RE2, Unicode classes); hashing is a polynomial over
-    each word's UTF-8 bytes in numpy, finished with splitmix64."""
-    arr = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(texts, pa.large_string())
+    words per text. The hash is a polynomial over each word's UTF-8 bytes, finished with splitmix64.
+
+    Splitting and hashing run in numpy straight from the Arrow buffer (``_numpy_word_units``): a
+    byte table says which ASCII bytes are word bytes, non-ASCII code points are looked up in a
+    table built once from RE2's own Unicode classes, and the polynomial of every word is one
+    ``np.add.reduceat`` over position-weighted bytes. ``_regex_word_units`` (an Arrow regex split)
+    is the reference it equals."""
+    arr = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else _large_strings(texts)
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    arr = pc.fill_null(arr.cast(pa.large_string()), "")
+    if arr.type != pa.large_string():
+        arr = arr.cast(pa.large_string())
+    if arr.null_count:
+        arr = pc.fill_null(arr, "")
+    return _numpy_word_units(arr)
+
+
+# ASCII byte -> (lower-cased byte + 1) for word bytes [0-9A-Za-z], 0 for separators: the
+# polynomial's coefficient, so separator bytes add nothing to the word sums.
+_ASCII_COEFF = np.zeros(256, dtype=np.uint64)
+for _c in b"0123456789abcdefghijklmnopqrstuvwxyz":
+    _ASCII_COEFF[_c] = _c + 1
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    _ASCII_COEFF[_c] = _c + 32 + 1
+_ASCII_WORD = _ASCII_COEFF > 0
+_BYTE_INVERSE = np.uint64(pow(int(_BYTE_MULTIPLIER), -1, 1 << 64))  # odd, so invertible mod 2**64
+_POWERS_CACHED = 1 << 22
+_powers_cache: list[np.ndarray] = []
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``P**(i+1)`` and ``P**-i`` mod 2**64 for ``i < n`` (cached up to a few million)."""
+    if _powers_cache and len(_powers_cache[0]) >= n:
+        return _powers_cache[0][:n], _powers_cache[1][:n]
+    size = max(n, 1 << 16)
+    with np.errstate(over="ignore"):
+        pw = np.cumprod(np.full(size, _BYTE_MULTIPLIER, dtype=np.uint64))
+        inv = np.cumprod(np.full(size, _BYTE_INVERSE, dtype=np.uint64))
+    inv = np.concatenate([np.ones(1, dtype=np.uint64), inv[:-1]])
+    if size <= _POWERS_CACHED:
+        _powers_cache[:] = [pw, inv]
+    return pw[:n], inv[:n]
+
+
+@cache
+def _word_code_points() -> np.ndarray:
+    """``table[cp]``: is code point ``cp`` a letter, mark or number, by RE2's classes (the ones
+    ``_WORD_SEPARATOR`` splits with). One regex pass over all code points, once per process."""
+    cps = np.arange(0x110000)
+    cps = cps[(cps < 0xD800) | (cps > 0xDFFF)]
+    data = cps.astype("<u4").tobytes().decode("utf-32-le").encode("utf-8")
+    lengths = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    arr = pa.LargeStringArray.from_buffers(len(cps), pa.py_buffer(offsets), pa.py_buffer(data))
+    match = pc.match_substring_regex(arr, r"^[\p{L}\p{M}\p{N}]$")
+    bits = np.frombuffer(match.buffers()[1], dtype=np.uint8)  # no nulls: the value bitmap (no pandas import)
+    table = np.zeros(0x110000, dtype=bool)
+    table[cps] = np.unpackbits(bits, bitorder="little")[match.offset : match.offset + len(cps)].astype(bool)
+    return table
+
+
+def _large_strings(texts: Sequence[str]) -> pa.Array:
+    """Python strings (None as empty) as an Arrow large_string array, built from the buffers:
+    cheaper than ``pa.array`` for a handful of texts, and it does not import pandas."""
+    encoded = [t.encode() if t else b"" for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return pa.LargeStringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
+
+
+def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, UTF-8 bytes) of a large_string array, without copies."""
+    if not len(arr):
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint8)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+    base = int(offsets[0])
+    return offsets - base, np.frombuffer(arr.buffers()[2], dtype=np.uint8)[base : int(offsets[-1])]
+
+
+def _numpy_word_units(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``word_units`` in numpy. A word's hash ``sum (b_k + 1) * P**(k + 1)`` (k its byte position in
+    the word) is computed from global byte positions g: ``sum (b_g + 1) * P**(g + 1)`` over the
+    word, times ``P**-start``. Separator bytes weigh 0, so one reduceat over the word starts sums
+    every word. Texts with non-ASCII bytes are lower-cased by Arrow first (ASCII letters by the
+    byte table) and their code points decoded only where the bytes are not ASCII."""
+    bounds, data = _string_bytes(arr)
+    high = np.flatnonzero(data >= 0x80)
+    if len(high):
+        bounds, data = _string_bytes(pc.utf8_lower(arr))
+        high = np.flatnonzero(data >= 0x80)
+    word = _ASCII_WORD[data]
+    terms = _ASCII_COEFF[data]
+    if len(high):  # UTF-8 sequences: decode at their lead bytes, the verdict covers the whole sequence
+        byte = data[high]
+        lead = (byte & 0xC0) != 0x80
+        pos = high[lead]
+        padded = np.concatenate([data, np.zeros(3, np.uint8)]).astype(np.int64)
+        b0, c1, c2, c3 = padded[pos], padded[pos + 1] & 0x3F, padded[pos + 2] & 0x3F, padded[pos + 3] & 0x3F
+        cp = np.where(
+            b0 < 0xE0,
+            ((b0 & 0x1F) << 6) | c1,
+            np.where(
+                b0 < 0xF0, ((b0 & 0x0F) << 12) | (c1 << 6) | c2, ((b0 & 0x07) << 18) | (c1 << 12) | (c2 << 6) | c3
+            ),
+        )
+        is_word = _word_code_points()[cp][np.cumsum(lead) - 1]
+        word[high] = is_word
+        terms[high] = np.where(is_word, byte.astype(np.uint64) + np.uint64(1), np.uint64(0))
+    first = word.copy()
+    first[1:] &= ~word[:-1]
+    lengths = np.diff(bounds)
+    doc_first = bounds[:-1][lengths > 0]
+    first[doc_first] = word[doc_first]  # a word never runs on from the previous text
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.searchsorted(starts, bounds)).astype(np.int64)
+    if not len(starts):
+        return np.zeros(0, dtype=np.uint64), counts
+    pw, inv = _powers(len(data))
+    terms *= pw
+    hashes = np.add.reduceat(terms, starts)
+    hashes *= inv[starts]
+    return splitmix64(hashes), counts
+
+
+def _regex_word_units(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``word_units`` by Arrow: lower-case, split at runs of non-(letter, mark, number) code points."""
     words = pc.split_pattern_regex(pc.utf8_lower(arr), _WORD_SEPARATOR)
     flat = pc.list_flatten(words)
     parents = pc.list_parent_indices(words).to_numpy()

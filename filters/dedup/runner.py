@@ -47,8 +47,29 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_memory() -> None:
+    """Hand memory freed by earlier tasks back to the OS (Arrow's pool, glibc's heap), so a worker
+    that ran many tasks does not carry their high-water marks into the next one's peak RSS."""
+    import gc
+
+    gc.collect()
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _call(fn: Callable[[Any], dict[str, Any]], opts: dict[str, Any], item: Any) -> dict[str, Any]:
     storage.configure(**opts)
+    release_memory()
     reset_peak_rss()
     cpu = time.process_time()
     out = dict(fn(item) or {})

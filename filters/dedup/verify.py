@@ -1,8 +1,9 @@
 """Phase 3: confirm MinHash and chromaprint candidates against the full signatures/fingerprints.
 
-A join done as two shuffles, so no process holds all signatures: (1) partition feature rows and
-candidate endpoints by node and hand each endpoint its node's blob; (2) partition the endpoints by
-pair and compare the two blobs of each pair. Pairs below the method's acceptance are dropped.
+``compare_pairs`` scores the pairs whose two endpoint rows (each with its node's blob) are at hand
+and drops those below the method's acceptance. The driver calls it on a small graph; on a large one
+``filters.dedup.partitioned`` attaches the blobs in one task per feature file and calls it once per
+pair partition, so no process holds all signatures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 from filters.dedup import chromaprint
 from filters.dedup.buckets import CHROMAPRINT, EDGE_SCHEMA, MINHASH, edges_table
 from filters.dedup.config import DedupConfig
-from filters.dedup.grouping import pair_key, runs, shuffle_groups, unique_rows
+from filters.dedup.grouping import runs, unique_rows
 
 
 def blob_column(method: int, cfg: DedupConfig) -> str:
@@ -134,18 +135,3 @@ def compare_pairs(rows: pa.Table, method: int, cfg: DedupConfig) -> pa.Table:
     if not len(first):
         return EDGE_SCHEMA.empty_table()
     return edges_table(a[first][ok], b[first][ok], method, score[ok])
-
-
-def verify(features_ds, candidates_ds, method: int, cfg: DedupConfig, partitions: int):
-    """Ray Data pipeline: the verified edges of one method."""
-    column = blob_column(method, cfg)
-    joined = features_ds.map_batches(lambda t: feature_rows(t, method, column), batch_format="pyarrow").union(
-        candidates_ds.map_batches(lambda t: endpoint_rows(t, method), batch_format="pyarrow")
-    )
-    attached = shuffle_groups(joined, lambda t: t["node"].to_numpy(), attach_blobs, partitions)
-
-    def by_pair(t: pa.Table) -> np.ndarray:
-        node, other, side = t["node"].to_numpy(), t["other"].to_numpy(), t["side"].to_numpy()
-        return pair_key(np.where(side == 0, node, other), np.where(side == 0, other, node))
-
-    return shuffle_groups(attached, by_pair, lambda t: compare_pairs(t, method, cfg), partitions)
