@@ -29,7 +29,7 @@ from trainer.data import (
 from trainer.media import MediaProcessor, audio_frame_count
 from trainer.model import TAGS, AudioTokenizer, build_model, parameter_groups
 from trainer.sample_data import write_extra_kinds
-from trainer.sequence import IGNORE, SkipSample, build_example
+from trainer.sequence import IGNORE, SkipSample, build_example, spoken_words
 from trainer.stages import StageError, apply_override, load_model_config, load_stage, param_groups, set_trainable
 from trainer.tokenizer import MODALITY_TOKENS, load_tokenizer, special_ids, train_tiny_tokenizer
 
@@ -114,9 +114,16 @@ def test_sequences_follow_the_loss_rules_of_each_data_type(corpus) -> None:
     assert [a.generate for a in intlv.audios] == [False, False]
     assert all(t in _trainable_text(intlv, tok) for t in texts), "INTLV learns every text segment"
     itts, _, _, _ = _example(corpus, "speech_text_interleaved", "itts")
-    learned = _trainable_text(itts, tok)
-    assert texts[0] not in learned and texts[1] in learned, "ITTS: loss on all text but the first"
-    assert [a.generate for a in itts.audios] == [True, True]
+    spoken = [spoken_words(s) for s in sample["segments"] if s["modality"] == "audio"]
+    assert all(spoken) and [a.generate for a in itts.audios] == [True, True]
+    learned = []
+    for words, (start, _, kind, _) in zip(spoken, [s for s in itts.spans if s[2] == "audio"], strict=True):
+        before = tok.encode(words, add_special_tokens=False)
+        assert kind == "audio" and itts.ids[start] == sp.audiogen_start
+        assert itts.ids[start - len(before) : start] == before, "ITTS: each speech clip follows its own words"
+        learned.append(any(lab != IGNORE for lab in itts.labels[start - len(before) : start]))
+    assert learned == [False, True], "ITTS: loss on all text but the first"
+    assert texts[0] in _trainable_text(itts, tok)
 
     iat, sample, _, _ = _example(corpus, "image_audio_text")
     assert len(iat.images) == 1 and iat.ids.count(sp.img_pad) == iat.images[0].tokens

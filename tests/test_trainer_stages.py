@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -63,6 +64,9 @@ def tiny_stage_dir(out: Path, manifests: list[str], run_dir: Path) -> Path:
             warmup_steps=0,
             weight_decay=0.0,
         )
+        if doc.get("task", "llm") != "llm":  # the audio stages: short clips, two per micro-batch
+            doc.update(micro_batch=2, seq_len=0)
+            doc["task_args"] = {**AUDIO_TASK_ARGS.get(doc["task"], {}), "max_seconds": 3.0}
         doc["lr"] = dict.fromkeys(doc["lr"], 2e-3)
         mixture = []
         for entry in doc["mixture"]:
@@ -73,6 +77,10 @@ def tiny_stage_dir(out: Path, manifests: list[str], run_dir: Path) -> Path:
         doc["mixture"] = mixture
         (out / path.name).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return out
+
+
+AUDIO_STAGES = ["0.1", "0.2", "0.3"]
+AUDIO_TASK_ARGS: dict[str, dict] = {"audio_tokenizer": {"semantic_llm": None}}
 
 
 def omni(*args: str, **popen) -> subprocess.Popen:
@@ -153,12 +161,58 @@ def _loss_on_first_batches(stage, weights: dict[str, torch.Tensor], tokenizer_di
     raise AssertionError("loader ended")
 
 
+def test_the_audio_stages_train_first_and_stage_2_1_hears_through_their_tokenizer(trained) -> None:
+    run = trained["run"]
+    exports = {}
+    for stage_id, task in zip(AUDIO_STAGES, ("audio_tokenizer", "flow_decoder", "vocoder"), strict=True):
+        done = json.loads((run / stage_id / "final" / "done.json").read_text())
+        assert (done["task"], done["steps"]) == (task, STEPS)
+        assert done["model_config"]["name"] == "tiny" and Path(done["tokenizer"]).is_dir()
+        records = list(steps_of(run / stage_id).values())
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+        assert all(np.isfinite(r["loss"]) and r["metrics"] for r in records), records[-1]
+        exports[stage_id] = _weights(run / stage_id / "final" / "model.pt")
+    assert any(k.startswith("flow.") for k in exports["0.2"]) and any(
+        k.startswith("generator.") for k in exports["0.3"]
+    )
+    trained_tokenizer = {k[len("tokenizer.") :]: v for k, v in exports["0.1"].items() if k.startswith("tokenizer.")}
+    for stage_id in ("2.1", "4.2"):  # loaded at 2.1, then frozen through every later stage
+        llm = _weights(run / stage_id / "final" / "model.pt")
+        for k, v in trained_tokenizer.items():
+            assert torch.equal(llm[f"audio_tokenizer.{k}"], v), f"stage {stage_id}: audio_tokenizer.{k}"
+    assert "stage 0.1 (audio-tokenizer): training the audio tokenizer" in trained["log"]
+
+
+def test_omni_speak_from_the_trained_run(trained, tmp_path: Path) -> None:
+    """The launcher's exports are all `omni speak` needs: the last LLM stage, 0.2's flow, 0.3's vocoder."""
+    import wave
+
+    outs = []
+    for name in ("a.wav", "b.wav"):
+        out = tmp_path / name
+        args = ("speak", str(trained["run"]), "--text", "Please hold.", "--out", str(out), "--seed", "7")
+        log = finish(omni(*args, "--min-frames", "4", "--max-frames", "9", "--flow-steps", "2"), timeout=120)
+        frames = int(log.split(" frames")[0].rsplit(" ", 1)[-1])
+        with wave.open(str(out)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (24_000, 1, frames * 8 * 240)
+        assert "(stage 4.2)" in log and 4 <= frames <= 9
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1], "same seed, same WAV"
+
+
 def test_every_stage_trains_exactly_its_modules_and_loss_falls(trained) -> None:
     run, stages = trained["run"], trained["stages"]
     configs = sorted((load_stage(p) for p in stages.glob("*.yaml")), key=lambda s: [int(x) for x in s.stage.split(".")])
-    assert [s.stage for s in configs] == ["1.1", "1.2", "2.1", "2.2", "3", "4.1", "4.2"]
+    assert [s.stage for s in configs] == [*AUDIO_STAGES, "1.1", "1.2", "2.1", "2.2", "3", "4.1", "4.2"]
+    configs = [s for s in configs if not s.is_audio]
     before = _initial_weights(next(stages.glob("1.1-*.yaml")), run)
+    tokenizer_weights = _weights(run / "0.1" / "final" / "model.pt")
     for stage in configs:
+        if stage.audio_tokenizer_from:  # stage 2.1 swaps in stage 0.1's tokenizer before it trains
+            before = {
+                **before,
+                **{f"audio_{k}": v for k, v in tokenizer_weights.items() if k.startswith("tokenizer.")},
+            }
         done = json.loads((run / stage.stage / "final" / "done.json").read_text())
         assert done["steps"] == stage.budget["steps"]
         after = _weights(run / stage.stage / "final" / "model.pt")

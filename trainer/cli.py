@@ -1,4 +1,5 @@
-"""``omni train STAGE.yaml`` and ``omni train-all``: registered into the ``omni`` command by pipelines/cli.py.
+"""``omni train STAGE.yaml``, ``omni train-all``, ``omni speak`` and ``omni generate``: registered into the
+``omni`` command by pipelines/cli.py.
 
 Also runnable alone: ``python -m trainer.cli train conf/stages/1.1-image-projector.yaml --nproc 2``.
 """
@@ -73,13 +74,135 @@ def _cmd_train_all(args: argparse.Namespace) -> int:
     _check(args)
     try:
         stages = discover_stages(args.stages, args.overrides)
+        if args.start:
+            stages = [s for s in stages if stage_key(s.stage) >= stage_key(args.start)]
         if args.until:
             stages = [s for s in stages if stage_key(s.stage) <= stage_key(args.until)]
     except StageError as e:
         raise _user_error(str(e)) from e
     if not stages:
-        raise _user_error(f"no stage up to {args.until} in {args.stages}")
+        raise _user_error(f"no stage from {args.start or 'the first'} to {args.until or 'the last'} in {args.stages}")
     return _run(stages, args)
+
+
+def _load_generator(args: argparse.Namespace):
+    import torch
+
+    from trainer.generate import GenerationError, OmniGenerator
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise _user_error(f"--device {args.device}: no CUDA device here")
+    try:
+        return OmniGenerator.from_run(args.run_dir, stage=args.stage, device=args.device)
+    except GenerationError as e:
+        raise _user_error(str(e)) from e
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value < 0:
+        raise _user_error(f"{name} must not be negative, not {value}")
+
+
+def _decode_kw(args: argparse.Namespace) -> dict:
+    return {
+        "chunk_frames": args.chunk_frames or None,
+        "overlap_frames": args.overlap_frames,
+        "flow_steps": args.flow_steps,
+    }
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    for name in ("max_frames", "min_frames", "temperature", "chunk_frames", "overlap_frames"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.flow_steps is not None and args.flow_steps < 1:
+        raise _user_error(f"--flow-steps must be at least 1, not {args.flow_steps}")
+    if args.min_frames > args.max_frames:
+        raise _user_error(f"--min-frames {args.min_frames} exceeds --max-frames {args.max_frames}")
+    if args.chunk_frames and args.overlap_frames >= args.chunk_frames:
+        raise _user_error(f"--overlap-frames {args.overlap_frames} must be below --chunk-frames {args.chunk_frames}")
+
+
+def _out_file(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise _user_error(f"no directory {parent} for {path}")
+
+
+def _cmd_speak(args: argparse.Namespace) -> int:
+    from trainer.generate import SAMPLE_RATE, GenerationError, write_wav
+
+    _check_sampling(args)
+    _out_file(args.out)
+    if not args.text.strip():
+        raise _user_error("--text is empty")
+    gen = _load_generator(args)
+    codes = gen.speak_codes(
+        args.text,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        min_frames=args.min_frames,
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
+    try:
+        wave = gen.codes_to_wave(codes, seed=args.seed, **_decode_kw(args))
+    except GenerationError as e:
+        raise _user_error(str(e)) from e
+    write_wav(args.out, wave, SAMPLE_RATE)
+    n = int(codes.shape[0])
+    print(f"{args.out}: {n} frames, {len(wave) / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz (stage {gen.stage})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from trainer.generate import SAMPLE_RATE, GenerationError, Sampling, write_wav
+
+    _check_sampling(args)
+    for f in (args.image, args.audio):
+        if f is not None and not os.path.isfile(f):
+            raise _user_error(f"no file {f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    gen = _load_generator(args)
+    try:
+        parts = gen.generate(
+            args.prompt,
+            image=args.image,
+            audio=args.audio,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            max_frames=args.max_frames,
+            min_frames=args.min_frames,
+            text=Sampling(args.text_temperature, args.text_top_k, args.top_p),
+            speech=Sampling(args.temperature, args.top_k),
+            **_decode_kw(args),
+        )
+    except GenerationError as e:
+        raise _user_error(str(e)) from e
+    n_audio = 0
+    for part in parts:
+        if part["type"] == "text":
+            print(part["text"])
+        else:
+            n_audio += 1
+            path = os.path.join(args.out_dir, f"reply-{n_audio:02d}.wav")
+            write_wav(path, part["wave"], part["sample_rate"])
+            secs = len(part["wave"]) / SAMPLE_RATE
+            print(f"[audio {path}: {part['frames']} frames, {secs:.2f} s at {SAMPLE_RATE} Hz]")
+    return 0
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="training run directory (holds <stage>/final/, 0.2/final/, 0.3/final/)")
+    p.add_argument("--stage", help="LLM stage to load (default: the latest finished one)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-frames", type=int, default=750, help="most 12.5 Hz frames per speech part (default 750)")
+    p.add_argument("--min-frames", type=int, default=0, help="frames before end-of-audio is allowed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.9, help="audio-code sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=30, help="audio-code top-k (0: off)")
+    p.add_argument("--chunk-frames", type=int, default=50, help="frames per flow/vocoder window (0: one window)")
+    p.add_argument("--overlap-frames", type=int, default=4, help="cross-faded frames between windows")
+    p.add_argument("--flow-steps", type=int, help="Euler steps of the flow decoder (default: its config's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,11 +211,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _launch_args(t)
     t.set_defaults(fn=_cmd_train)
 
-    a = subparsers.add_parser("train-all", help="train every stage in paper order, each from the previous one")
+    a = subparsers.add_parser(
+        "train-all", help="train every stage in order (0.1 -> 0.2 -> 0.3 -> 1.1 -> ... -> 4.2), each from the previous"
+    )
     a.add_argument("--stages", default=str(CONF_DIR / "stages"), help="directory of stage YAMLs")
-    a.add_argument("--until", help="stop after this stage id (e.g. 2.2)")
+    a.add_argument("--from", dest="start", help="start at this stage id (e.g. 1.1: the audio stages ran elsewhere)")
+    a.add_argument("--until", help="stop after this stage id (e.g. 2.2; 0.3: only the audio stages)")
     _launch_args(a)
     a.set_defaults(fn=_cmd_train_all)
+
+    s = subparsers.add_parser("speak", help="speak a text with a trained run (24 kHz WAV)")
+    _generation_args(s)
+    s.add_argument("--text", required=True, help="what to say")
+    s.add_argument("--out", required=True, help="output WAV (16-bit mono, 24 kHz)")
+    s.set_defaults(fn=_cmd_speak)
+
+    g = subparsers.add_parser("generate", help="reply to a prompt (+ image / audio) in text and speech")
+    _generation_args(g)
+    g.add_argument("--prompt", required=True, help="text prompt; <image> / <audio> mark where the media go")
+    g.add_argument("--image", help="image file")
+    g.add_argument("--audio", help="audio file")
+    g.add_argument("--out-dir", default=".", help="where speech parts go as reply-NN.wav (default .)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most text tokens (default 256)")
+    g.add_argument("--text-temperature", type=float, default=0.7, help="text sampling temperature (0: greedy)")
+    g.add_argument("--text-top-k", type=int, default=50, help="text top-k (0: off)")
+    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling mass (default 0.9)")
+    g.set_defaults(fn=_cmd_generate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -461,8 +461,8 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
             continue
         if isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, list):
-            out[k] = [t.to(device, non_blocking=True) for t in v]
+        elif isinstance(v, list):  # media tensors move; other lists (an audio stage's transcripts) pass as they are
+            out[k] = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in v]
     return out
 
 

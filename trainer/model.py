@@ -17,6 +17,7 @@ modality), as the released code does, so ZeRO/DDP ranks always reduce the same g
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,26 +55,154 @@ class AudioBridge(nn.Module):
         return self.norm(h)
 
 
-class VQLayer(nn.Module):
-    """One codebook: nearest code by Euclidean distance. ``cluster_size``/``embed_avg`` hold its EMA state."""
+def _world() -> Any:
+    """``torch.distributed`` when several ranks train together (EMA statistics are summed over them), else None."""
+    import torch.distributed as dist
 
-    def __init__(self, size: int, dim: int) -> None:
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` random rows of ``x`` (without replacement while it has enough), identical on every rank (rank 0's)."""
+    if x.shape[0] == 0:  # a rank without rows takes rank 0's
+        rows = torch.zeros(n, x.shape[1], device=x.device)
+        dist = _world()
+        if dist is not None:
+            dist.broadcast(rows, src=0)
+        return rows
+    idx = torch.randperm(x.shape[0], device=x.device)[:n]
+    if idx.numel() < n:
+        idx = torch.cat([idx, torch.randint(0, x.shape[0], (n - idx.numel(),), device=x.device)])
+    rows = x[idx].float().contiguous()
+    dist = _world()
+    if dist is not None:
+        dist.broadcast(rows, src=0)
+    return rows
+
+
+def _nearest(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    dist = x.pow(2).sum(-1, keepdim=True) - 2 * x @ e.t() + e.pow(2).sum(-1)
+    return dist.argmin(-1)
+
+
+class VQLayer(nn.Module):
+    """One codebook: nearest code by Euclidean distance. ``cluster_size``/``embed_avg`` hold its EMA state.
+
+    Training (``ResidualVQ.quantize`` in train mode) updates the codebook by EMA, never by gradients:
+    ``cluster_size`` and ``embed_avg`` are exponential moving averages of each code's hit count and of the
+    sum of the vectors it was assigned; ``embed = embed_avg / cluster_size`` with Laplace-smoothed sizes.
+    A codebook whose ``cluster_size`` is all zero has never been trained: its first training batch
+    initialises it by k-means (seeded with random batch vectors). Codes whose EMA hit count falls below
+    ``dead_threshold`` restart at random vectors of the current batch."""
+
+    def __init__(
+        self, size: int, dim: int, decay: float = 0.99, eps: float = 1e-5, dead_threshold: float = 1.0
+    ) -> None:
         super().__init__()
+        self.size, self.decay, self.eps, self.dead_threshold = size, decay, eps, dead_threshold
+        self.kmeans_iters = 10
         self.embed = nn.Parameter(torch.randn(size, dim), requires_grad=False)
         self.cluster_size = nn.Parameter(torch.zeros(size), requires_grad=False)
         self.embed_avg = nn.Parameter(torch.zeros(size, dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e, xf = self.embed.float(), x.float()  # distances in fp32: bf16 would flip near-ties between codes
-        dist = xf.pow(2).sum(-1, keepdim=True) - 2 * xf @ e.t() + e.pow(2).sum(-1)
-        codes = dist.argmin(-1)
+        codes = _nearest(xf, e)
         return codes, F.embedding(codes, e).to(x.dtype)
+
+    @property
+    def initialised(self) -> bool:
+        return bool(self.cluster_size.detach().float().sum() > 0)
+
+    @torch.no_grad()
+    def init_kmeans(self, x: torch.Tensor) -> None:
+        """k-means (``kmeans_iters`` Lloyd steps from random rows of ``x`` [M, dim]) as the first codebook."""
+        x = x.float()
+        means = _sample_rows(x, self.size)
+        counts = torch.zeros(self.size, device=x.device)
+        for it in range(self.kmeans_iters + 1):
+            codes = _nearest(x, means)
+            counts = torch.bincount(codes, minlength=self.size).float()
+            if it == self.kmeans_iters:
+                break
+            sums = torch.zeros_like(means).index_add_(0, codes, x)
+            dist = _world()
+            if dist is not None:
+                dist.all_reduce(counts)
+                dist.all_reduce(sums)
+            hit = counts > 0
+            means[hit] = sums[hit] / counts[hit, None]
+        dist = _world()
+        if dist is not None:
+            dist.all_reduce(counts)
+        self.embed.copy_(means.to(self.embed.dtype))
+        self.cluster_size.copy_(counts.to(self.cluster_size.dtype))
+        self.embed_avg.copy_((means * counts[:, None]).to(self.embed_avg.dtype))
+
+    @torch.no_grad()
+    def ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> int:
+        """One EMA step from vectors ``x`` [M, dim] assigned ``codes`` [M]; then dead-code restart from ``x``.
+        Returns how many codes restarted."""
+        x = x.float()
+        counts = torch.bincount(codes, minlength=self.size).float()
+        sums = torch.zeros(self.size, x.shape[1], device=x.device).index_add_(0, codes, x)
+        dist = _world()
+        if dist is not None:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        d = self.decay
+        size = self.cluster_size.float() * d + counts * (1 - d)
+        avg = self.embed_avg.float() * d + sums * (1 - d)
+        n = size.sum()
+        smoothed = (size + self.eps) / (n + self.size * self.eps) * n  # Laplace smoothing
+        embed = avg / smoothed[:, None]
+        dead = size < self.dead_threshold
+        restarted = int(dead.sum())
+        if restarted:
+            fresh = _sample_rows(x, self.size)
+            embed = torch.where(dead[:, None], fresh, embed)
+            size = torch.where(dead, torch.full_like(size, self.dead_threshold), size)
+            avg = torch.where(dead[:, None], fresh * self.dead_threshold, avg)
+        self.cluster_size.copy_(size.to(self.cluster_size.dtype))
+        self.embed_avg.copy_(avg.to(self.embed_avg.dtype))
+        self.embed.copy_(embed.to(self.embed.dtype))
+        return restarted
+
+
+@dataclass
+class VQOutput:
+    """What a training pass of the residual VQ returns (``quantized`` carries the straight-through gradient)."""
+
+    quantized: torch.Tensor  # [M, dim]  x + (sum of the active layers' codes - x).detach()
+    codes: torch.Tensor  # [M, n_q]
+    commit: torch.Tensor  # scalar: sum over layers of mean ||r_i - sg(q_i)||^2 over valid, active rows
+    usage: torch.Tensor  # [n_q]: fraction of each codebook hit by the batch's valid rows
+    perplexity: torch.Tensor  # [n_q]: exp(entropy) of each layer's code distribution in the batch
+    restarted: torch.Tensor  # [n_q]: dead codes restarted by this pass (0 outside training)
 
 
 class ResidualVQ(nn.Module):
     def __init__(self, sizes: list[int], dim: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(VQLayer(s, dim) for s in sizes)
+
+    def configure(
+        self,
+        decay: float | None = None,
+        dead_threshold: float | None = None,
+        eps: float | None = None,
+        kmeans_iters: int | None = None,
+    ) -> None:
+        """EMA hyperparameters of every codebook (training only; inference ignores them)."""
+        for layer in self.layers:
+            for name, value in (
+                ("decay", decay),
+                ("dead_threshold", dead_threshold),
+                ("eps", eps),
+                ("kmeans_iters", kmeans_iters),
+            ):
+                if value is not None:
+                    setattr(layer, name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim] -> codes [N, n_q]
         residual, codes = x, []
@@ -85,6 +214,54 @@ class ResidualVQ(nn.Module):
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return sum(F.embedding(codes[..., i], layer.embed) for i, layer in enumerate(self.layers))
+
+    def sample_active(self, n: int, prob: float, device: torch.device | str | None = None) -> torch.Tensor:
+        """Layer-wise dropout: for each of ``n`` instances, how many leading layers stay (long [n]).
+        With probability ``prob`` an instance keeps a uniform 1..n_q layers (the first always), else all."""
+        n_q = len(self.layers)
+        keep = torch.randint(1, n_q + 1, (n,), device=device)
+        drop = torch.rand(n, device=device) < prob
+        return torch.where(drop, keep, torch.full_like(keep, n_q))
+
+    def quantize(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, active: torch.Tensor | None = None
+    ) -> VQOutput:
+        """The training pass over ``x`` [M, dim]: ``valid`` bool [M] marks real (not padding) rows, ``active``
+        long [M] how many leading layers each row keeps (layer dropout; None: all). In train mode the
+        codebooks update by EMA (k-means init first if untrained, dead-code restart) from the valid rows,
+        under no_grad. The output's gradient reaches ``x`` straight through (identity)."""
+        m, n_q = x.shape[0], len(self.layers)
+        valid = torch.ones(m, dtype=torch.bool, device=x.device) if valid is None else valid
+        active = torch.full((m,), n_q, dtype=torch.long, device=x.device) if active is None else active
+        residual = x
+        total = torch.zeros_like(x)
+        commit = x.new_zeros((), dtype=torch.float32)
+        codes, usage, ppl, restarted = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            rows = residual.detach()[valid]
+            update = self.training and (rows.shape[0] > 0 or _world() is not None)
+            if update and not layer.initialised:
+                layer.init_kmeans(rows)
+            c, q = layer(residual)
+            keep = (valid & (active > i)).to(torch.float32)
+            err = (residual.float() - q.detach().float()).pow(2).mean(-1)
+            commit = commit + (err * keep).sum() / keep.sum().clamp(min=1.0)
+            total = total + q * keep[:, None].to(q.dtype)
+            cv = c[valid]
+            hits = torch.bincount(cv, minlength=layer.size).float()
+            usage.append((hits > 0).float().mean())
+            prob = hits / hits.sum().clamp(min=1.0)
+            ppl.append(torch.exp(-(prob * torch.log(prob.clamp(min=1e-10))).sum()))
+            n_restart = 0
+            if update:
+                n_restart = layer.ema_update(rows, cv)
+            restarted.append(torch.tensor(float(n_restart), device=x.device))
+            codes.append(c)
+            residual = residual - q
+        quantized = x + (total - x).detach()
+        return VQOutput(
+            quantized, torch.stack(codes, -1), commit, torch.stack(usage), torch.stack(ppl), torch.stack(restarted)
+        )
 
 
 class AudioDecoder(nn.Module):
@@ -104,11 +281,18 @@ class AudioDecoder(nn.Module):
         self.refine = nn.ModuleList(nn.Conv1d(dims[i], dims[i + 1], 5, padding=2) for i in range(n))
 
     def forward(self, quantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, N, d*k]
+        return self.mels(self.hidden(quantized))
+
+    def hidden(self, quantized: torch.Tensor) -> torch.Tensor:
+        """``[B, N, d*k]`` → ``[B, 2k·N, d]``: the hidden states after the last 2× upsampling, before ``to_mel``."""
         h = self.up(quantized.transpose(1, 2)).transpose(1, 2)
         causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
         for layer in self.layers:
             h = layer(h, src_mask=causal, is_causal=True)
-        h = self.up2(h.transpose(1, 2)).transpose(1, 2)
+        return self.up2(h.transpose(1, 2)).transpose(1, 2)
+
+    def mels(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``[B, 8N, d]`` → coarse and refined mel ``[B, n_mels, 8N]``."""
         coarse = self.to_mel(h).transpose(1, 2)  # [B, n_mels, 8N]
         refined = coarse
         for i, conv in enumerate(self.refine):
@@ -119,7 +303,8 @@ class AudioDecoder(nn.Module):
 
 
 class AudioTokenizer(nn.Module):
-    """Mel → Whisper encoder → 12.5 Hz bridge → 8 RVQ codes per frame. Frozen; runs without grad."""
+    """Mel → Whisper encoder → 12.5 Hz bridge → 8 RVQ codes per frame. Frozen in the LLM stages (runs
+    without grad there); stage 0.1 trains it (``trainer/audio_tokenizer_train.py``)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -169,6 +354,29 @@ class AudioTokenizer(nn.Module):
         for layer in enc.layers:
             h = layer(h, attention_mask=mask, layer_head_mask=None)[0]
         return enc.layer_norm(h) * valid.unsqueeze(-1).to(h.dtype), enc_len
+
+    def bridge_states(self, whisper_mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-quantised 12.5 Hz vectors ``[B, N, d*k]`` (what the RVQ quantises) and valid frames ``[B]``, with grad."""
+        dtype = self.bridge.norm.weight.dtype
+        h, enc_len = self.encode(whisper_mel.to(dtype), mel_len)
+        return self.bridge(h), (enc_len + self.downsample - 1) // self.downsample
+
+    @torch.no_grad()
+    def tokenize(self, whisper_mel: torch.Tensor, mel_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, N, n_q]`` (0 past each clip's frames) and frames ``[B]`` for a padded Whisper-mel batch
+        ``[B, 128, T]`` with valid lengths ``mel_len``; the codes ``forward`` gives each clip alone (≤ 30 s)."""
+        h, frames = self.bridge_states(whisper_mel, mel_len)
+        codes = self.quantizer(h.reshape(-1, h.shape[-1])).reshape(h.shape[0], h.shape[1], -1)
+        valid = torch.arange(h.shape[1], device=h.device)[None, :] < frames[:, None]
+        return codes * valid.unsqueeze(-1), frames
+
+    @torch.no_grad()
+    def decoder_states(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, N, n_q]`` → the decoder's hidden states ``[B, 8N, d_model]`` (after the 2× upsampling,
+        before ``to_mel``) and its refined mel ``[B, n_mels, 8N]``: the flow decoder's condition."""
+        q = self.quantizer.dequantize(codes).to(self.bridge.norm.weight.dtype)
+        hidden = self.decoder.hidden(q)
+        return hidden, self.decoder.mels(hidden)[1]
 
     @torch.no_grad()
     def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -310,6 +518,20 @@ class OmniModel(nn.Module):
         """``[N, n_q]`` codes → ``[N, n_q, d]`` per-codebook embeddings."""
         return torch.stack([emb(codes[:, i]) for i, emb in enumerate(self.model.audio_embed_layers)], dim=1)
 
+    def put_images(self, ids: torch.Tensor, flat: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Visual tokens ``[n, d]`` in place of the ``<img_pad>`` rows of ``flat [L, d]`` (ids ``[L]``)."""
+        pos = (ids == self.special.img_pad).nonzero(as_tuple=True)[0]
+        if pos.numel() != features.shape[0]:
+            raise ValueError(f"{pos.numel()} image placeholders for {features.shape[0]} visual tokens")
+        return flat.index_put((pos,), features.to(flat.dtype))
+
+    def put_audio(self, ids: torch.Tensor, flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Each frame's summed code embeddings (codes ``[n, n_q]``) in place of the ``<audio_pad>`` rows."""
+        pos = (ids == self.special.audio_pad).nonzero(as_tuple=True)[0]
+        if pos.numel() != codes.shape[0]:
+            raise ValueError(f"{pos.numel()} audio placeholders for {codes.shape[0]} audio frames")
+        return flat.index_put((pos,), self.embed_codes(codes).sum(1).to(flat.dtype))
+
     def _vision(self, pixel_values: torch.Tensor | None, grid: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
         fake = pixel_values is None or pixel_values.shape[0] == 0
         if fake:  # one 2×2 patch window keeps the vision path in the graph
@@ -333,7 +555,6 @@ class OmniModel(nn.Module):
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """``loss`` to back-propagate; per-tag loss sums and counts (``TAGS`` order) for logging."""
-        sp = self.special
         device = input_ids.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
         embeds = self.model.embed_tokens(input_ids)
@@ -344,10 +565,7 @@ class OmniModel(nn.Module):
         if fake_vis:
             zero = zero + vis.sum().float() * 0
         else:
-            pos = (ids == sp.img_pad).nonzero(as_tuple=True)[0]
-            if pos.numel() != vis.shape[0]:
-                raise ValueError(f"{pos.numel()} image placeholders for {vis.shape[0]} visual tokens")
-            flat = flat.index_put((pos,), vis.to(flat.dtype))
+            flat = self.put_images(ids, flat, vis)
 
         clip_codes: list[torch.Tensor] = []
         if not audio_mels:  # a tiny silent chunk keeps the tokenizer's calls identical on every rank
@@ -359,11 +577,7 @@ class OmniModel(nn.Module):
             for c, clip in zip(chunk_codes, audio_chunk_clip.tolist(), strict=True):
                 per_clip[clip].append(c)
             clip_codes = [torch.cat(cs) for cs in per_clip]
-            all_codes = torch.cat(clip_codes)
-            pos = (ids == sp.audio_pad).nonzero(as_tuple=True)[0]
-            if pos.numel() != all_codes.shape[0]:
-                raise ValueError(f"{pos.numel()} audio placeholders for {all_codes.shape[0]} audio frames")
-            flat = flat.index_put((pos,), self.embed_codes(all_codes).sum(1).to(flat.dtype))
+            flat = self.put_audio(ids, flat, torch.cat(clip_codes))
         else:
             dummy = self.embed_codes(torch.zeros(1, len(self.codebook_sizes), dtype=torch.long, device=device))
             zero = zero + dummy.sum().float() * 0

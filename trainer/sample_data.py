@@ -35,10 +35,10 @@ def extra_kind_samples(workdir: Path) -> list[dict[str, Any]]:
         )
     for i in range(3):
         (a_wav, a_text), (b_wav, b_text) = prompts[4 + 2 * i], prompts[5 + 2 * i]
-        segs = [
-            Segment("audio", bytes=a_wav.read_bytes()),
+        segs = [  # recorded prompts with their known words, as the transcribe step would leave them
+            Segment("audio", bytes=a_wav.read_bytes(), meta={"asr": {"text": a_text}}),
             Segment("text", text=b_text),
-            Segment("audio", bytes=b_wav.read_bytes()),
+            Segment("audio", bytes=b_wav.read_bytes(), meta={"asr": {"text": b_text}}),
             Segment("text", text=a_text),
         ]
         rows.append(make_sample(SOURCE, "speech_text_interleaved", segs, locator=f"intlv/{i}"))

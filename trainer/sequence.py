@@ -7,10 +7,15 @@ Images become ``<img_start> <img_pad>×N <img_end>`` (N = merged 2×2 patches), 
 loss. Which text carries loss depends on the data type (PAPER.md §2.3, §3; [A] §3.3.1): ASR and INTLV
 learn the text, TTS and pure audio learn the audio (audio head), ITTS learns audio and every text
 segment but the first, captions/interleaved/video/omni data learn their text.
+
+ITTS is built from the same speech-text interleaved samples as INTLV, as the paper defines it: each
+spoken segment is preceded by its own words (``meta.tts.text`` or ``meta.asr.text``), so the
+sequence reads text_1, audio_1, text_2, ... and the audio head learns to speak the text just read.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +47,7 @@ class Format:
     text_loss: str = "all"  # all | all_but_first | none
     audio: str = "input"  # input | generate
     video_audio: bool = False  # no audio segment: use the video's own audio track
+    speech_after_text: bool = False  # each audio segment follows its own words (ITTS: text_i, audio_i)
 
 
 ASR_PROMPT = "将语音转录为文本:"  # the released base-model ASR prompt (PAPER.md §8)
@@ -57,7 +63,7 @@ FORMATS: dict[str, Format] = {
     "asr": Format("audio", prompt=ASR_PROMPT),
     "tts": Format("audio", text_loss="none", audio="generate"),
     "intlv": Format("audio"),
-    "itts": Format("audio", text_loss="all_but_first", audio="generate"),
+    "itts": Format("audio", text_loss="all_but_first", audio="generate", speech_after_text=True),
     "pure_audio": Format("audio", text_loss="none", audio="generate"),
     "image_audio_text": Format("omni", prompt=OMNI_IMAGE_PROMPT),
     "video_caption": Format("video"),
@@ -134,7 +140,7 @@ class Example:
         )
 
 
-def _media_bytes(seg: dict[str, Any], uris: UriPolicy | None) -> bytes:
+def media_bytes(seg: dict[str, Any], uris: UriPolicy | None) -> bytes:
     """Inline bytes, or what the segment's ``uri`` names when ``uris`` allows it (a shard is data, not a
     licence to read ``/etc/passwd`` or to fetch an internal URL); no policy allows no uri."""
     if seg.get("bytes") is not None:
@@ -152,6 +158,25 @@ def _media_bytes(seg: dict[str, Any], uris: UriPolicy | None) -> bytes:
         except (OSError, ValueError) as e:
             raise SkipSample("uri unreadable", f"{target[:200]}: {type(e).__name__}") from e
     raise SkipSample(f"{seg['modality']} segment without bytes or uri")
+
+
+def spoken_words(seg: dict[str, Any]) -> str | None:
+    """The words an audio segment speaks: what the tts step said (``meta.tts.text``), else what the
+    transcribe step heard (``meta.asr.text``); None when neither is known."""
+    meta = seg.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    if not isinstance(meta, dict):
+        return None
+    for key in ("tts", "asr"):
+        info = meta.get(key)
+        text = info.get("text") if isinstance(info, dict) else None
+        if isinstance(text, str) and text.strip():
+            return text
+    return None
 
 
 def build_example(
@@ -176,22 +201,35 @@ def build_example(
     segments = sample["segments"]
     has_audio = any(s["modality"] == "audio" for s in segments)
     texts_seen = 0
+
+    def put_text(text: str) -> None:
+        nonlocal texts_seen
+        trainable = fmt.text_loss == "all" or (fmt.text_loss == "all_but_first" and texts_seen > 0)
+        ex._put(encode(text, add_special_tokens=False), trainable)
+        texts_seen += 1
+
+    if fmt.speech_after_text and not any(spoken_words(s) for s in segments if s["modality"] == "audio"):
+        raise SkipSample("no speech with its own text")
     try:
         for seg in segments:
             modality = seg["modality"]
             if modality == "text":
                 text = seg.get("text") or ""
-                if not text.strip():
+                if text.strip():
+                    put_text(text)
+            elif modality == "audio" and fmt.speech_after_text:
+                words = spoken_words(seg)
+                if words is None:  # speech whose words are unknown is read, not spoken
+                    ex.add_audio(media.audio_clip(media_bytes(seg, uris)), sp)
                     continue
-                trainable = fmt.text_loss == "all" or (fmt.text_loss == "all_but_first" and texts_seen > 0)
-                ex._put(encode(text, add_special_tokens=False), trainable)
-                texts_seen += 1
+                put_text(words)
+                ex.add_audio(media.audio_clip(media_bytes(seg, uris), generate=True), sp)
             elif modality == "image":
-                ex.add_image(media.image(_media_bytes(seg, uris)), sp)
+                ex.add_image(media.image(media_bytes(seg, uris)), sp)
             elif modality == "audio":
-                ex.add_audio(media.audio_clip(_media_bytes(seg, uris), generate=fmt.audio == "generate"), sp)
+                ex.add_audio(media.audio_clip(media_bytes(seg, uris), generate=fmt.audio == "generate"), sp)
             elif modality == "video":
-                data = _media_bytes(seg, uris)
+                data = media_bytes(seg, uris)
                 start = len(ex.ids)
                 ex._put([sp.video_start], False)
                 for frame in media.video(data):

@@ -127,6 +127,9 @@ class StageConfig:
     log_every: int = 10
     allow_uris: list[str] = field(default_factory=list)  # segment uri prefixes, besides the manifests' own
     verify_shards: str = "sha256"  # sha256 | size | none: what a shard must match in its manifest entry
+    task: str = "llm"  # llm | audio_tokenizer | flow_decoder | vocoder: what this stage trains
+    task_args: dict[str, Any] = field(default_factory=dict)  # the audio task's hyperparameters
+    audio_tokenizer_from: str | None = None  # a stage id (its export) or a .pt: the trained audio tokenizer
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -140,22 +143,44 @@ class StageConfig:
     def deepspeed_config(self) -> dict[str, Any]:
         return load_deepspeed_config(self.deepspeed, self.path.parent)
 
-    def init_weights(self) -> Path | None:
-        """The weights this stage starts from: a previous stage's export, or a file/dir given as a path."""
-        if not self.init_from:
+    def _export_path(self, ref: str | None) -> Path | None:
+        """A stage id's export under this run's output, or a file/dir given as a path."""
+        if not ref:
             return None
-        p = Path(self.init_from)
+        p = Path(ref)
         if p.suffix in (".pt", ".bin") or p.is_dir():
             return p / "model.pt" if p.is_dir() else p
-        return Path(self.output) / self.init_from / "final" / "model.pt"
+        return Path(self.output) / ref / "final" / "model.pt"
+
+    def init_weights(self) -> Path | None:
+        """The weights this stage starts from: a previous stage's export, or a file/dir given as a path."""
+        return self._export_path(self.init_from)
+
+    def audio_tokenizer_weights(self) -> Path | None:
+        """Stage 0.1's export (keys ``tokenizer.*``) that replaces the model's audio tokenizer."""
+        return self._export_path(self.audio_tokenizer_from)
+
+    @property
+    def is_audio(self) -> bool:
+        return self.task != "llm"
 
 
 REQUIRED = ("stage", "model", "trainable", "lr", "seq_len", "mixture", "budget")
+AUDIO_TASKS = ("audio_tokenizer", "flow_decoder", "vocoder")
+AUDIO_REQUIRED = ("stage", "model", "task", "lr", "mixture", "budget")  # the task's module trains whole
 
 
 def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
     doc = expand_vars(copy.deepcopy(doc))
-    missing = [k for k in REQUIRED if k not in doc]
+    task = doc.get("task", "llm")
+    if task != "llm" and task not in AUDIO_TASKS:
+        raise StageError(f"{path}: task must be llm or one of {', '.join(AUDIO_TASKS)}, not {task!r}")
+    if task != "llm":
+        doc.setdefault("trainable", [task])
+        doc.setdefault("seq_len", 0)
+    if not isinstance(doc.get("task_args", {}), dict):
+        raise StageError(f"{path}: task_args must be a mapping")
+    missing = [k for k in (REQUIRED if task == "llm" else AUDIO_REQUIRED) if k not in doc]
     if missing:
         raise StageError(f"{path}: missing {', '.join(missing)}")
     budget = doc["budget"] or {}
@@ -184,8 +209,9 @@ def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
         raise StageError(f"{path}: verify_shards must be sha256, size or none, not {kwargs['verify_shards']!r}")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    if kwargs.get("init_from") is not None:
-        kwargs["init_from"] = str(kwargs["init_from"])
+    for key in ("init_from", "audio_tokenizer_from"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = str(kwargs[key])
     return StageConfig(path=path, raw=doc, **kwargs)
 
 
@@ -203,7 +229,7 @@ def load_stage(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
 
 
 def stage_key(stage_id: str) -> tuple[int, ...]:
-    """Paper order: 1.1 < 1.2 < 2.1 < 2.2 < 3 < 4.1 < 4.2."""
+    """Paper order: the audio stages 0.1 < 0.2 < 0.3, then 1.1 < 1.2 < 2.1 < 2.2 < 3 < 4.1 < 4.2."""
     try:
         return tuple(int(p) for p in stage_id.split("."))
     except ValueError as e:

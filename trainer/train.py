@@ -31,6 +31,11 @@ import torch
 from trainer import hf_compat  # noqa: F401  (before transformers)
 
 log = logging.getLogger("trainer")
+AUDIO_BUILDERS = {
+    "audio_tokenizer": ("trainer.audio_tokenizer_train", "build_audio_tokenizer"),
+    "flow_decoder": ("trainer.flow_decoder", "build_flow_decoder"),
+    "vocoder": ("trainer.vocoder", "build_vocoder"),
+}
 KEEP_CHECKPOINTS = 2
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -83,6 +88,31 @@ def deepspeed_config(stage: Any, device_type: str) -> dict[str, Any]:
     return cfg
 
 
+def unset_to_none(value: Any) -> Any:
+    """``${VAR:-}`` left empty means "not given": "" becomes None, and a mapping of nothing but unset values
+    (``semantic_llm: {path: ""}``) becomes None, so a builder sees one spelling of "absent"."""
+    if isinstance(value, str):
+        return None if value.strip() in ("", "null", "~") else value
+    if isinstance(value, dict):
+        out = {k: unset_to_none(v) for k, v in value.items()}
+        return out if any(v is not None for v in out.values()) or not value else None
+    return value
+
+
+def load_audio_tokenizer(tokenizer: torch.nn.Module, stage: Any) -> None:
+    """Stage 0.1's trained tokenizer (keys ``tokenizer.*`` of its export) into an LLM stage's model."""
+    path = stage.audio_tokenizer_weights()
+    if path is None:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"stage {stage.stage}: audio_tokenizer_from {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
+    if not own:
+        raise ValueError(f"stage {stage.stage}: {path} holds no audio tokenizer (no tokenizer.* keys)")
+    tokenizer.load_state_dict(own, strict=True)
+
+
 class StageRun:
     """One stage on one rank."""
 
@@ -99,19 +129,31 @@ class StageRun:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = stage.out_dir
         self.ckpt_dir = self.out / "checkpoints"
+        self.tokenizer_path = tokenizer_path
         model_cfg = stage.model_config()
-        tokenizer = load_tokenizer(tokenizer_path)
+        self.model_cfg = model_cfg
         torch.manual_seed(stage.seed)  # every rank builds the same initial weights (ZeRO-3 partitions them as is)
-        model = build_model(model_cfg, tokenizer)
-        init = stage.init_weights()
-        if init is not None:
-            if not init.is_file():
-                raise FileNotFoundError(f"stage {stage.stage} starts from {init}, which does not exist")
-            model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True), strict=True)
-        self.trainable = set_trainable(model, stage.trainable)
-        # 6·N per token for the LLM's non-embedding weights (the towers only see their own tokens)
-        llm = [p for n, p in model.named_parameters() if n.startswith(("model.layers.", "lm_head."))]
-        self.flops_per_token = 6 * sum(p.numel() for p in llm)
+        if stage.is_audio:
+            model = self._audio_module(model_cfg)
+            self.trainable = {
+                name: sum(p.numel() for p in child.parameters() if p.requires_grad)
+                for name, child in model.named_children()
+                if any(p.requires_grad for p in child.parameters())
+            }
+            self.flops_per_token = 0
+        else:
+            tokenizer = load_tokenizer(tokenizer_path)
+            model = build_model(model_cfg, tokenizer)
+            init = stage.init_weights()
+            if init is not None:
+                if not init.is_file():
+                    raise FileNotFoundError(f"stage {stage.stage} starts from {init}, which does not exist")
+                model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+            load_audio_tokenizer(model.audio_tokenizer, stage)
+            self.trainable = set_trainable(model, stage.trainable)
+            # 6·N per token for the LLM's non-embedding weights (the towers only see their own tokens)
+            llm = [p for n, p in model.named_parameters() if n.startswith(("model.layers.", "lm_head."))]
+            self.flops_per_token = 6 * sum(p.numel() for p in llm)
         self.peak = peak_flops()
         groups = param_groups(model, stage.lr, stage.weight_decay)
         optimizer = torch.optim.AdamW(
@@ -134,23 +176,59 @@ class StageRun:
         self.position = (
             DataPosition.from_dict(data_state) if data_state else DataPosition(self.world, stage.num_workers)
         )
-        self.loader = make_loader(
-            entries,
-            model_cfg,
-            tokenizer_path,
-            stage.seq_len,
-            stage.micro_batch,
-            stage.seed,
-            self.rank,
-            self.world,
-            stage.num_workers,
-            data_state,
-        )
+        if stage.is_audio:
+            from trainer.audio_data import make_clip_loader
+
+            max_seconds = float(stage.task_args.get("max_seconds", 30.0))
+            self.loader = make_clip_loader(
+                entries,
+                model_cfg,
+                max_seconds,
+                stage.micro_batch,
+                stage.seed,
+                self.rank,
+                self.world,
+                stage.num_workers,
+                data_state,
+            )
+        else:
+            self.loader = make_loader(
+                entries,
+                model_cfg,
+                tokenizer_path,
+                stage.seq_len,
+                stage.micro_batch,
+                stage.seed,
+                self.rank,
+                self.world,
+                stage.num_workers,
+                data_state,
+            )
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tb"))
+
+    def _audio_module(self, model_cfg: dict[str, Any]) -> torch.nn.Module:
+        """The audio task's module; stage 0.2 gets stage 0.1's export as its frozen tokenizer."""
+        import importlib
+
+        module_name, fn = AUDIO_BUILDERS[self.stage.task]
+        args = unset_to_none(self.stage.task_args)
+        weights = self.stage.audio_tokenizer_weights()
+        if weights is not None:
+            if not weights.is_file():
+                raise FileNotFoundError(f"stage {self.stage.stage}: audio tokenizer {weights} does not exist")
+            args["audio_tokenizer_from"] = str(weights)
+        args.setdefault("tokenizer", self.tokenizer_path)
+        module = getattr(importlib.import_module(module_name), fn)(model_cfg, args, self.out)
+        init = self.stage.init_weights()
+        if init is not None:  # continue an audio stage from an earlier export of the same task
+            if not init.is_file():
+                raise FileNotFoundError(f"stage {self.stage.stage} starts from {init}, which does not exist")
+            module.load_state_dict(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+        return module
 
     # ---- checkpoints
 
@@ -192,6 +270,9 @@ class StageRun:
                     "samples": self.samples,
                     "seconds": round(seconds, 1),
                     "trainable": self.trainable,
+                    "task": self.stage.task,
+                    "model_config": self.model_cfg,
+                    "tokenizer": str(Path(self.tokenizer_path).resolve()),
                 },
             )
         dist.barrier()
@@ -221,6 +302,7 @@ class StageRun:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             losses, tag_loss, tag_count, ids = [], 0, 0, []
+            metrics: dict[str, float] = {}
             local = torch.zeros(2, dtype=torch.float64)
             for _ in range(stage.grad_accum):
                 batch = next(it)
@@ -229,11 +311,21 @@ class StageRun:
                 self.engine.step()
                 self.position.consumed(batch["meta"])
                 losses.append(out["loss"].detach().float())
-                tag_loss = tag_loss + out["tag_loss"].detach().double().cpu()
-                tag_count = tag_count + out["tag_count"].detach().double().cpu()
+                if stage.is_audio:  # an audio task reports named metrics instead of per-tag losses
+                    for k, v in out["metrics"].items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) / stage.grad_accum
+                else:
+                    tag_loss = tag_loss + out["tag_loss"].detach().double().cpu()
+                    tag_count = tag_count + out["tag_count"].detach().double().cpu()
                 local += torch.tensor([batch["meta"]["tokens"], batch["meta"]["samples"]], dtype=torch.float64)
                 ids.extend(batch["meta"]["sample_ids"])
-            stats = torch.cat([torch.stack(losses).mean().double().cpu().view(1), local, tag_loss, tag_count])
+            names = sorted(metrics)
+            extra = (
+                torch.tensor([metrics[k] for k in names], dtype=torch.float64)
+                if stage.is_audio
+                else torch.cat([tag_loss, tag_count])
+            )
+            stats = torch.cat([torch.stack(losses).mean().double().cpu().view(1), local, extra])
             stats = stats.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(stats)
             stats = stats.cpu()
@@ -241,8 +333,11 @@ class StageRun:
             dist.all_gather_object(all_ids, ids)
             loss = float(stats[0]) / self.world
             step_tokens, step_samples = int(stats[1]), int(stats[2])
-            n = len(TAGS)
-            by_tag = {t: float(stats[3 + i] / stats[3 + n + i]) for i, t in enumerate(TAGS) if stats[3 + n + i] > 0}
+            if stage.is_audio:
+                by_tag = {k: float(stats[3 + i]) / self.world for i, k in enumerate(names)}
+            else:
+                n = len(TAGS)
+                by_tag = {t: float(stats[3 + i] / stats[3 + n + i]) for i, t in enumerate(TAGS) if stats[3 + n + i] > 0}
             self.step += 1
             self.tokens += step_tokens
             self.samples += step_samples
@@ -252,7 +347,7 @@ class StageRun:
                 record = {
                     "step": self.step,
                     "loss": loss,
-                    "by_tag": by_tag,
+                    ("metrics" if stage.is_audio else "by_tag"): by_tag,
                     "tokens": self.tokens,
                     "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
                     "sample_ids": all_ids,
@@ -264,7 +359,7 @@ class StageRun:
                     f.write(json.dumps(record) + "\n")
                 self.writer.add_scalar("loss/total", loss, self.step)
                 for t, v in by_tag.items():
-                    self.writer.add_scalar(f"loss/{t}", v, self.step)
+                    self.writer.add_scalar(f"{'audio' if stage.is_audio else 'loss'}/{t}", v, self.step)
                 for g in self.optimizer.param_groups:
                     self.writer.add_scalar(f"lr/{g['name']}", g["lr"], self.step)
             if self.step % stage.log_every == 0 or self.done():
@@ -328,7 +423,8 @@ def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str
         if (stage.out_dir / "final" / "done.json").is_file():
             _rank_print(f"stage {stage.stage}: already finished ({stage.out_dir / 'final'}), skipped")
             continue
-        _rank_print(f"stage {stage.stage} ({stage.name}): training {', '.join(stage.trainable)}")
+        what = f"the {stage.task.replace('_', ' ')}" if stage.is_audio else ", ".join(stage.trainable)
+        _rank_print(f"stage {stage.stage} ({stage.name}): training {what}")
         StageRun(stage, tokenizer_path).run()
 
 
