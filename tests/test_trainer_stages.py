@@ -80,7 +80,20 @@ def tiny_stage_dir(out: Path, manifests: list[str], run_dir: Path) -> Path:
 
 
 AUDIO_STAGES = ["0.1", "0.2", "0.3"]
-AUDIO_TASK_ARGS: dict[str, dict] = {"audio_tokenizer": {"semantic_llm": None}}
+AUDIO_TASK_ARGS: dict[str, dict] = {  # stage 0.1's semantic objective with a frozen tiny Qwen2 on the run's tokenizer
+    "audio_tokenizer": {
+        "semantic_llm": {
+            "config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 1024,
+            }
+        }
+    }
+}
 
 
 def omni(*args: str, **popen) -> subprocess.Popen:
@@ -171,6 +184,8 @@ def test_the_audio_stages_train_first_and_stage_2_1_hears_through_their_tokenize
         records = list(steps_of(run / stage_id).values())
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))
         assert all(np.isfinite(r["loss"]) and r["metrics"] for r in records), records[-1]
+        if task == "audio_tokenizer":  # every objective reports: reconstruction, commitment, semantic, usage
+            assert {"recon", "commit", "semantic", "usage_l0", "usage_l7"} <= set(records[-1]["metrics"])
         exports[stage_id] = _weights(run / stage_id / "final" / "model.pt")
     assert any(k.startswith("flow.") for k in exports["0.2"]) and any(
         k.startswith("generator.") for k in exports["0.3"]
