@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav libchromaprint-tools chromium
+# fonts-noto-cjk and fonts-noto-core: glyphs for the demo's Chinese, Japanese and Hindi in `omni view` and `omni report`
+APT_PACKAGES := ffmpeg espeak-ng asterisk-core-sounds-en-wav libchromaprint-tools chromium fonts-noto-cjk fonts-noto-core
 DEMO_OUT ?= demo_out
 
 .PHONY: setup apt venv demo test lint bench clean
@@ -16,10 +17,12 @@ apt:
 	command -v fpcalc >/dev/null || missing="$$missing libchromaprint-tools"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	[ -d /usr/share/asterisk/sounds/en ] || missing="$$missing asterisk-core-sounds-en-wav"; \
+	fc-list ':lang=zh' family 2>/dev/null | grep -q 'Noto Sans CJK' || missing="$$missing fonts-noto-cjk"; \
+	fc-list ':lang=hi' family 2>/dev/null | grep -q 'Noto Sans Devanagari' || missing="$$missing fonts-noto-core"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 venv: $(VENV)/.installed

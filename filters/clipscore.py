@@ -52,8 +52,14 @@ def image_text_pairs(modality: list[str], row: np.ndarray) -> list[tuple[int, in
 
 @register
 class ClipScore(Operator):
-    """Params: ``model`` (open_clip architecture name or config .json), ``checkpoint`` (local file),
-    ``batch_size``, ``device``."""
+    """Score step: open_clip image-text similarity of each image and its neighbouring text (``clip_score``).
+
+    Params:
+        model: an open_clip architecture name or a config .json.
+        checkpoint: the model's weights (a local file).
+        batch_size: images (and texts) encoded per call.
+        device: the torch device, ``cpu`` or ``cuda``.
+    """
 
     name = "clip_score"
     resources = Resources(cpus=1, memory_mb=2048)
@@ -110,3 +116,6 @@ class ClipScore(Operator):
             np.minimum.at(lowest, flat.row[index], scores)
         batch = put_column(batch, "clip_scores", per_segment_list(per_segment, flat.offsets))
         return put_column(batch, "clip_score", pa.array(lowest, pa.float32(), mask=np.isinf(lowest)))
+
+    def score_columns(self) -> list[str]:
+        return ["clip_score"]

@@ -46,8 +46,14 @@ def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, 
 
 @register
 class Validate(Operator):
-    """Params: ``max_pixels`` (image decompression-bomb limit), ``timeout_s`` per ffmpeg call,
-    ``threads`` (parallel checks within a batch: ffmpeg and PIL release the GIL)."""
+    """Decodes every media segment's header and rejects empty, undecodable or oversized media; records
+    sizes and durations in the segment meta.
+
+    Params:
+        max_pixels: an image with more pixels is rejected (decompression-bomb limit).
+        timeout_s: seconds per ffmpeg/ffprobe call.
+        threads: checks in parallel within a batch (ffmpeg and PIL release the GIL).
+    """
 
     name = "validate"
     resources = Resources(cpus=1)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.operator import Operator, Resources, register, with_rejections
+from pipelines.operator import Operator, Resources, Threshold, register, with_rejections
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,20 @@ def _tuple(values: Any) -> tuple[Any, ...] | None:
 
 @register
 class Keep(Operator):
-    """Params: ``column`` + ``min``/``max``/``values``, ``reason``, ``keep_null``; or ``rules``; or ``preset``."""
+    """Drops rows by their score columns: one rule, a list of ``rules`` or a published ``preset``.
+
+    The first rule a row fails gives its reject reason; the detail names the column and its value.
+
+    Params:
+        column: the score column of a single rule.
+        min: a row whose ``column`` is below this is dropped.
+        max: a row whose ``column`` is above this is dropped.
+        values: the allowed values of ``column`` (languages, say); a row with another is dropped.
+        reason: the single rule's reject reason (default ``<column> out of range``).
+        keep_null: keep rows the score step left unscored (no text, another kind).
+        rules: several rules, each ``{column, min, max, values, reason, keep_null}``.
+        preset: ``gopher``, ``c4`` or ``media`` (or a list of them): published thresholds, applied first.
+    """
 
     name = "keep"
     resources = Resources(cpus=0.25)
@@ -142,3 +155,11 @@ class Keep(Operator):
                     details[i] = rule.describe(v)
                 decided[hits] = True
         return with_rejections(batch, reasons, details)
+
+    def thresholds(self) -> list[Threshold]:
+        return [
+            Threshold(rule.column, side, float(value), rule.reason)
+            for rule in self.rules
+            for side, value in (("min", rule.min), ("max", rule.max))
+            if value is not None
+        ]

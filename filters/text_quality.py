@@ -235,8 +235,13 @@ C4_THRESHOLDS: list[dict[str, Any]] = [
 
 @register
 class TextQuality(Operator):
-    """Params: ``rules`` (names, default all), ``kinds`` (sample kinds to score; null for all),
-    ``lang_column`` (the sample language column ``langid`` writes; used when present)."""
+    """Score step: Gopher and C4 text-quality measures (``q_*`` columns), language-aware (CJK, Thai).
+
+    Params:
+        rules: the rule names to compute (default all).
+        kinds: the sample kinds to score (null: all).
+        lang_column: the language column ``langid`` writes; used when present.
+    """
 
     name = "text_quality"
     resources = Resources(cpus=1)
@@ -271,7 +276,9 @@ class TextQuality(Operator):
             for rule in self.rules:
                 metrics.update(rule(text, u))
             rows.append(metrics)
-        names = [k for rule in self.rules for k in rule("x y", None)]
-        for name in names:
+        for name in self.score_columns():
             batch = put_column(batch, name, pa.array([r[name] if r else None for r in rows], pa.float64()))
         return batch
+
+    def score_columns(self) -> list[str]:
+        return [k for rule in self.rules for k in rule("x y", None)]

@@ -18,7 +18,14 @@ from shards.tokens import MissingMediaFacts, TokenRules, segment_tokens
 
 @register
 class CountTokens(Operator):
-    """Params: ``tokenizer`` (local tokenizer dir) and any ``TokenRules`` field (pixel caps, fps...)."""
+    """Writes each segment's model tokens into its meta: text by the LLM's tokenizer, media by
+    ``shards.tokens.TokenRules``.
+
+    Params:
+        tokenizer: a local Hugging Face tokenizer directory.
+        **rules: any ``TokenRules`` field: ``image_max_pixels``, ``image_min_pixels``, ``frame_max_pixels``,
+            ``video_fps``, ``video_max_frames``, ``audio_tokens_per_second``.
+    """
 
     name = "count_tokens"
     stateful = True

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -15,19 +16,59 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from pipelines.errors import describe_error, first_line  # noqa: E402  (after the environment is set)
 
+if TYPE_CHECKING:
+    from pipelines.recipe import Recipe
+
 
 class UserError(Exception):
     """Anything the user can fix; printed as one line, exit status 2."""
 
 
+def _same_path(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _limit_output(args: argparse.Namespace, recipe: Recipe) -> str:
+    """Where a ``--limit N`` run writes: ``--output``, else the recipe's output with ``-limit-N``;
+    never the recipe's own output (the corpus run)."""
+    from pipelines.recipe import RecipeError, load_recipe
+
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    if not args.output:
+        return f"{recipe.output.rstrip('/')}-limit-{args.limit}"
+    try:
+        own = load_recipe(args.recipe, overrides=args.overrides).output
+    except RecipeError:  # the recipe names no output of its own: nothing to protect
+        return recipe.output
+    if _same_path(recipe.output, own):
+        raise UserError(f"--limit writes a scratch run; --output must not be the recipe's output {own}")
+    return recipe.output
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.executor import run_recipe
     from pipelines.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, output=args.output)
-    args.writes_to = recipe.output  # what a "disk full" names when the OS names no file
+    recipe = load_recipe(args.recipe, output=args.output, overrides=args.overrides)
+    if args.limit is not None:
+        recipe.output = _limit_output(args, recipe)
+        recipe.sample_limit = args.limit
+        print(
+            f"omni run --limit {args.limit}: a scratch run of the first {args.limit} inputs of each source "
+            f"-> {recipe.output}"
+        )
     if args.ray_address:
         recipe.executor["address"] = args.ray_address
+    if args.dry_run:
+        from pipelines.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(recipe, executor=args.executor)))
+        return 0
+    from pipelines.executor import run_recipe
+
+    args.writes_to = recipe.output  # what a "disk full" names when the OS names no file
     t0 = time.perf_counter()
     manifest = run_recipe(
         recipe,
@@ -37,10 +78,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         dashboard=args.dashboard,
     )
+    limited = f" (limited to {args.limit} inputs per source)" if args.limit is not None else ""
     print(
         f"{recipe.name}: ingested {manifest['ingested']}, written {manifest['written']}, "
-        f"rejected {manifest['rejected']} in {time.perf_counter() - t0:.1f}s -> {recipe.output}"
+        f"rejected {manifest['rejected']} in {time.perf_counter() - t0:.1f}s -> {recipe.output}{limited}"
     )
+    return 0
+
+
+def _cmd_ops(args: argparse.Namespace) -> int:
+    from pipelines.catalogue import COMMANDS, catalogue, format_detail, format_list, lookup, markdown
+
+    if args.name in COMMANDS and args.name not in {info.name for info in catalogue()}:
+        print(f"{args.name} is a command, not an operator: {COMMANDS[args.name]}")
+        return 0
+    if args.markdown:
+        infos = [lookup(args.name)] if args.name else catalogue()
+        parent = os.path.dirname(args.markdown)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(infos))
+        print(f"wrote {args.markdown}: {len(infos)} operator{'s' if len(infos) != 1 else ''}")
+    elif args.name:
+        print(format_detail(lookup(args.name)))
+    else:
+        print(format_list(catalogue()))
     return 0
 
 
@@ -119,7 +182,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--repair", action="store_true", help="also re-hash every committed shard (sha256) and redo damaged units"
     )
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a recipe value (YAML), checked by the schema, e.g. --set pipeline.0.params.max_pixels=1000000",
+    )
+    r.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="a scratch run of the first N inputs (samples or rejects) of each source, into OUTPUT-limit-N "
+        "(or --output, never the recipe's output)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and plan the recipe, print its sources, units and steps; write nothing",
+    )
     r.set_defaults(fn=_cmd_run)
+
+    o = sub.add_parser("ops", help="the registered operators: purpose, parameters (type, default, meaning), resources")
+    o.add_argument("name", nargs="?", help="one operator, in detail")
+    o.add_argument(
+        "--markdown",
+        nargs="?",
+        const="docs/operators.md",
+        metavar="PATH",
+        help="write the catalogue as Markdown (default docs/operators.md)",
+    )
+    o.set_defaults(fn=_cmd_ops)
 
     a = sub.add_parser("audit", help="prove ingested = written + rejected for a run")
     a.add_argument("run_dir")
@@ -170,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from pipelines.operator import UnknownOperator
+    from pipelines.overrides import OverrideError
     from pipelines.recipe import RecipeError
     from pipelines.rundir import ResumeRefused
 
     try:
         return args.fn(args)
-    except (UserError, RecipeError, ResumeRefused, UnknownOperator) as e:
+    except (UserError, RecipeError, ResumeRefused, UnknownOperator, OverrideError) as e:
         message = first_line(e)
     except Exception as e:  # a full disk, refused credentials, an unreachable endpoint: one line too
         message = describe_error(e, getattr(args, "writes_to", None))

@@ -50,6 +50,18 @@ class Resources:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """A cut a step makes on a numeric column: rows under ``min`` or over ``max`` are dropped (or,
+    for a step that decides rather than drops, handled otherwise: ``label`` says how). Reports draw it
+    on the column's histogram."""
+
+    column: str
+    side: typing.Literal["min", "max"]
+    value: float
+    label: str = ""
+
+
 class Operator:
     """Base class for every registered step. Subclasses set ``name`` and implement ``__call__``."""
 
@@ -67,6 +79,14 @@ class Operator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
+
+    def score_columns(self) -> list[str]:
+        """The numeric columns this step writes, for reports to plot together; none by default."""
+        return []
+
+    def thresholds(self) -> list[Threshold]:
+        """The cuts this step makes on numeric columns (its own or another step's); none by default."""
+        return []
 
 
 _REGISTRY: dict[str, type[Operator]] = {}

@@ -74,6 +74,9 @@ class Recipe:
     executor: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     base_dir: str = "."
+    # ``omni run --limit N``: a scratch run of the first N inputs of each source (part of the config
+    # hash, so a limited run and a full one never share a run directory)
+    sample_limit: int | None = None
 
     @property
     def max_text_bytes(self) -> int:
@@ -88,6 +91,8 @@ class Recipe:
             "limits": vars(self.limits),
             "allow_uris": self.allow_uris,
         }
+        if self.sample_limit is not None:
+            doc["sample_limit"] = self.sample_limit
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -330,7 +335,28 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
     )
 
 
-def load_recipe(path: str, output: str | None = None) -> Recipe:
+def apply_overrides(doc: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """``--set key.path=value`` assignments applied to a recipe document before it is checked, so a
+    typo or a wrong type gets the schema's message. A pipeline step written as a bare name
+    (``- validate``) is spelled out first (``{op: validate}``), so ``pipeline.0.params.x=1`` reaches it."""
+    from pipelines.overrides import OverrideError, apply_override
+
+    if not overrides:
+        return doc
+    if not isinstance(doc, dict):
+        raise RecipeError("recipe must be a YAML mapping")
+    if isinstance(doc.get("pipeline"), list):
+        doc["pipeline"] = [{"op": s} if isinstance(s, str) else s for s in doc["pipeline"]]
+    for assignment in overrides:
+        try:
+            apply_override(doc, assignment)
+        except OverrideError as e:
+            raise RecipeError(f"--set: {e}") from None
+    return doc
+
+
+def load_recipe(path: str, output: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (``--set``) and check a recipe file; nothing is touched on disk."""
     if not os.path.isfile(path):
         raise RecipeError(f"no such recipe file: {path}")
     with open(path, encoding="utf-8") as f:
@@ -338,4 +364,5 @@ def load_recipe(path: str, output: str | None = None) -> Recipe:
             doc = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    doc = apply_overrides(doc, overrides)
     return recipe_from_dict(doc, base_dir=os.path.dirname(os.path.abspath(path)), output=output)

@@ -414,6 +414,8 @@ class RunDir:
             "units": len(plan),
             "allow_uris": uri_roots(recipe),
         }
+        if recipe.sample_limit is not None:  # omni run --limit N: a scratch run, not the corpus
+            info["limit"] = {"inputs_per_source": recipe.sample_limit}
         storage.write_bytes(run_json, json.dumps(info, indent=1).encode())
         return plan
 
@@ -535,7 +537,12 @@ class RunDir:
         write_shardset_manifest(
             self.shards_dir,
             shards,
-            {"run": info["name"], "config_hash": info["config_hash"], "allow_uris": allow_uris},
+            {
+                "run": info["name"],
+                "config_hash": info["config_hash"],
+                "allow_uris": allow_uris,
+                **({"limit": info["limit"]} if "limit" in info else {}),
+            },
         )
         reasons: Counter = Counter()
         timings: dict[str, dict[str, float]] = {}
@@ -545,6 +552,7 @@ class RunDir:
         manifest = {
             "kind": "omnicorpus.run",
             **{k: info[k] for k in ("name", "config_hash", "code_version", "created", "sources")},
+            **({"limit": info["limit"]} if "limit" in info else {}),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "units": {"planned": len(plan), "committed": len(markers)},
             "ingested": sum(m["ingested"] for m in markers.values()),

@@ -139,7 +139,31 @@ def plan_source(spec: SourceSpec, recipe: Recipe | None = None) -> list[dict[str
 
 
 def plan(recipe: Recipe) -> list[dict[str, Any]]:
-    return [u for spec in recipe.sources for u in plan_source(spec, recipe)]
+    units = [u for spec in recipe.sources for u in plan_source(spec, recipe)]
+    return limit_plan(units, recipe, recipe.sample_limit) if recipe.sample_limit else units
+
+
+def limit_plan(units: list[dict[str, Any]], recipe: Recipe, n: int) -> list[dict[str, Any]]:
+    """``--limit N``: the units that hold the first ``n`` inputs of each source, in plan order, each
+    with ``limit``: how many of its inputs to read (``read_unit`` stops there).
+
+    An input is what ingest counts: a sample or a reject (a broken file is one input). How many a
+    unit holds is only known by reading it (a JSONL byte range, a tar), so each unit is read here up
+    to what its source still lacks, on the driver; for a sample run that is a few inputs per source.
+    Units read empty are left out; so are the inputs past the limit: they are not read, so a limited
+    run neither writes nor rejects them."""
+    left = {spec.name: n for spec in recipe.sources}
+    out = []
+    for unit in units:
+        want = left[unit["source"]]
+        if want <= 0:
+            continue
+        with contextlib.closing(read_unit(unit, recipe)) as records:
+            got = sum(1 for _ in itertools.islice(records, want))
+        if got:
+            out.append({**unit, "limit": got})
+            left[unit["source"]] -= got
+    return out
 
 
 def _walk_local(root: str) -> tuple[list[str], list[list[str]]]:
@@ -389,7 +413,16 @@ def _plan_tars(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
 
 
 def read_unit(unit: dict[str, Any], recipe: Recipe) -> Iterator[Record]:
-    """Every input of the unit, as a sample or a reject; never raises for bad input."""
+    """Every input of the unit (its first ``unit["limit"]`` in a ``--limit`` run), as a sample or a
+    reject; never raises for bad input."""
+    if unit.get("limit") is None:
+        yield from _read_unit(unit, recipe)
+        return
+    with contextlib.closing(_read_unit(unit, recipe)) as records:
+        yield from itertools.islice(records, unit["limit"])
+
+
+def _read_unit(unit: dict[str, Any], recipe: Recipe) -> Iterator[Record]:
     spec = next(s for s in recipe.sources if s.name == unit["source"])
     if "unread" in unit:
         for path, reason in unit["unread"]:

@@ -2,7 +2,10 @@
 
 The index holds each sample's JSON and the byte ranges of its media members, found by one pass over
 the tar headers; media are served straight from the shard by range, so nothing is extracted or
-copied. Filters: data type, language, a score column with a minimum, and jump to an id.
+copied. Filters: data type, language, a score column with a minimum, text search (case-insensitive,
+over the text segments; any script), an id or a prefix of one; results come in pages
+(``offset``/``limit``), and ``/api/random`` picks one matching sample (``seed`` makes it repeatable).
+Each sample shows its token count (the ``tokens`` that ``count_tokens`` writes into segment meta).
 
 Shards are untrusted input (anyone can write a tar): the page builds every element with DOM calls
 and ``textContent`` (never HTML from sample strings), loads only ``/media/...`` URLs the server
@@ -16,6 +19,7 @@ as damaged and not indexed.
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 from collections import Counter
@@ -59,6 +63,9 @@ SECURITY_HEADERS = {
 }
 SAFE_KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")  # keys that may appear in a /media/ URL
 MAX_JSON_MEMBER = 16 << 20
+MAX_PAGE = 1000  # samples in one response
+MAX_QUERY = 200  # characters of a search, an id prefix or a seed
+MAX_SEARCH_CHARS = 200_000  # characters of one sample's text that a search looks at
 ASSETS = {
     "/": ("viewer.html", "text/html; charset=utf-8"),
     "/viewer.js": ("viewer.js", "text/javascript; charset=utf-8"),
@@ -96,20 +103,24 @@ class IndexedSample:
             s = s if isinstance(s, dict) else {}
             member = s.get("member")
             served = isinstance(member, str) and member in self.members and SAFE_KEY.fullmatch(self.key)
+            seg_meta = s.get("meta") if isinstance(s.get("meta"), dict) else {}
             segments.append(
                 {
                     "modality": _text(s.get("modality", "?"), 40),
                     "text": _text(s["text"]) if s.get("text") is not None else None,
                     "uri": _text(s["uri"], 2000) if s.get("uri") is not None else None,
                     "media": f"/media/{self.key}/{i}" if served else None,
-                    "meta": s.get("meta") if isinstance(s.get("meta"), dict) else {},
+                    "tokens": seg_meta["tokens"] if _number(seg_meta.get("tokens")) else None,
+                    "meta": seg_meta,
                 }
             )
+        counted = [s["tokens"] for s in segments if s["tokens"] is not None]
         return {
             "id": _text(d["id"], 200),
             "kind": _text(d["kind"], 200),
             "source": _text(d["source"], 200),
             "lang": _text(lang, 100),
+            "tokens": sum(counted) if counted else None,
             "scores": scores,
             "meta": meta,
             "segments": segments,
@@ -214,6 +225,13 @@ def _asset(name: str) -> bytes:
     return Path(__file__).with_name(name).read_bytes()
 
 
+def _int(value: str | None, default: int, low: int, high: int) -> int:
+    try:
+        return min(max(int(value), low), high) if value else default
+    except ValueError:
+        return default
+
+
 class Viewer:
     def __init__(self, target: str, page_size: int = 200) -> None:
         self.target = target
@@ -222,6 +240,11 @@ class Viewer:
         self.skipped = dict(built.skipped)
         self.damaged = built.damaged
         self.summaries = {k: s.summary() for k, s in self.index.items()}
+        # what a search looks at: the text segments, case-folded (so "STRASSE" finds "Straße")
+        self.haystacks = {
+            k: "\n".join(seg["text"] for seg in s["segments"] if seg["text"])[:MAX_SEARCH_CHARS].casefold()
+            for k, s in self.summaries.items()
+        }
         self.page_size = page_size
 
     def facets(self) -> dict[str, Any]:
@@ -232,23 +255,25 @@ class Viewer:
             "kinds": sorted({s["kind"] for s in summaries}),
             "langs": sorted({s["lang"] for s in summaries}),
             "scores": scores,
+            "total": len(self.summaries),
+            "page_size": self.page_size,
             **self.damage(),
         }
 
     def damage(self) -> dict[str, Any]:
         return {"damaged": self.damaged, "skipped": self.skipped}
 
-    def query(self, params: dict[str, str]) -> dict[str, Any]:
-        wanted_id = params.get("id", "")
+    def _matching(self, params: dict[str, str], by_id: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+        """The samples the filters let through, in shard order, and how an ``id`` matched: ``exact``,
+        ``prefix`` (one sample starts with it), ``ambiguous`` (several do) or ``none``."""
         score = params.get("score")
         try:
             minimum = float(params["min"]) if params.get("min") else None
         except ValueError:
             minimum = None
+        needle = params.get("q", "")[:MAX_QUERY].strip().casefold()
         rows = []
-        for s in self.summaries.values():
-            if wanted_id and s["id"] != wanted_id:
-                continue
+        for key, s in self.summaries.items():
             if params.get("kind") and s["kind"] != params["kind"]:
                 continue
             if params.get("lang") and s["lang"] != params["lang"]:
@@ -257,8 +282,36 @@ class Viewer:
                 value = s["scores"].get(score)
                 if not _number(value) or value < minimum:
                     continue
+            if needle and needle not in self.haystacks[key]:
+                continue
             rows.append(s)
-        return {"total": len(rows), "samples": rows[: self.page_size]}
+        wanted_id = params.get("id", "")[:MAX_QUERY].strip() if by_id else ""
+        if not wanted_id:
+            return rows, None
+        exact = [s for s in rows if s["id"] == wanted_id]
+        if exact:
+            return exact, "exact"
+        prefix = wanted_id.lower()
+        rows = [s for s in rows if s["id"].lower().startswith(prefix)]
+        return rows, {0: "none", 1: "prefix"}.get(len(rows), "ambiguous")
+
+    def query(self, params: dict[str, str]) -> dict[str, Any]:
+        rows, id_match = self._matching(params)
+        offset = _int(params.get("offset"), 0, 0, max(len(rows) - 1, 0))
+        limit = _int(params.get("limit"), self.page_size, 1, MAX_PAGE)
+        out = {"total": len(rows), "offset": offset, "limit": limit, "samples": rows[offset : offset + limit]}
+        if id_match is not None:
+            out["id_match"] = id_match
+        return out
+
+    def random_sample(self, params: dict[str, str]) -> dict[str, Any]:
+        """One sample the filters (not ``id``) let through, chosen at random; the same ``seed`` (any
+        string) always chooses the same one."""
+        rows, _ = self._matching(params, by_id=False)
+        seed = params.get("seed")
+        rng = random.Random(seed[:MAX_QUERY]) if seed else random.Random()
+        chosen = [rng.choice(rows)] if rows else []
+        return {"total": len(rows), "offset": 0, "limit": 1, "samples": chosen, "random": True}
 
     def media(self, key: str, index: int) -> tuple[str, int, int, str] | None:
         """(shard, offset, size, content type) of a served member, or None."""
@@ -316,6 +369,8 @@ def _handler(viewer: Viewer) -> type[BaseHTTPRequestHandler]:
                 return self._json(viewer.damage())
             if url.path == "/api/samples":
                 return self._json(viewer.query(params))
+            if url.path == "/api/random":
+                return self._json(viewer.random_sample(params))
             m = re.fullmatch(r"/media/([0-9A-Za-z_-]{1,128})/(\d{1,6})", url.path)
             found = viewer.media(m.group(1), int(m.group(2))) if m else None
             if found is None:

@@ -19,7 +19,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute below
 
 MODALITIES = ("text", "image", "audio", "video")
 
-# The paper's data types (PAPER.md sections 2-3) plus raw kinds for media that enrichment has not
+# The paper's data types (docs/PAPER.md sections 2-3) plus raw kinds for media that enrichment has not
 # yet paired with text.
 KINDS = (
     "text",

@@ -1,4 +1,4 @@
-"""How many positions each segment takes in the model it trains (PAPER.md sections 5-6).
+"""How many positions each segment takes in the model it trains (docs/PAPER.md sections 5-6).
 
 - text: the LLM tokenizer's ids.
 - image: Qwen2-VL ``smart_resize`` to 28-px multiples within the pixel cap, then one token per
@@ -8,7 +8,7 @@
 - audio: 12.5 tokens per second (Whisper's 100 Hz mel, conv stride 2, 4× pooling); plus start/end.
 
 The caps follow the released config (``max_pixels`` 3,211,264 per image, 602,112 per video frame);
-PAPER.md notes the model card's smaller 1.8 MP figure, so both are parameters.
+docs/PAPER.md notes the model card's smaller 1.8 MP figure, so both are parameters.
 """
 
 from __future__ import annotations

@@ -122,12 +122,21 @@ class _Connections:
 class Download(Operator):
     """Fetches http(s) media segments (images, audio, video) that have a ``uri`` and no bytes.
 
-    Params: ``allow_uris`` (required: the URL prefixes it may fetch, normally the recipe's
-    ``storage.allow_uris``), ``concurrency`` (parallel requests per batch), ``timeout_s`` (per request,
-    connect to last byte), ``retries`` and ``backoff_s`` (delay ``backoff_s * 2**n`` before retry n+1),
-    ``max_redirects``, ``max_bytes`` (per URL), ``resize`` (``{max_pixels: N, quality: 90}``: images
-    larger than N pixels are scaled down and stored as JPEG), ``user_agent``, ``on_failure``
-    (``reject``: the row; ``drop``: the failed segments, while at least one media segment came back)."""
+    Params:
+        allow_uris: the URL prefixes it may fetch (normally the recipe's ``storage.allow_uris``); every
+            redirect hop is checked too.
+        concurrency: parallel requests per batch.
+        timeout_s: seconds per request, connect to last byte.
+        retries: retries after an error, a 5xx or a 429.
+        backoff_s: delay ``backoff_s * 2**n`` before retry n+1.
+        max_redirects: redirects followed per URL.
+        max_bytes: a larger response is rejected (``download too large``).
+        resize: ``{max_pixels: N, quality: 90}``: images larger than N pixels are scaled down and stored
+            as JPEG.
+        user_agent: the User-Agent header sent.
+        on_failure: ``reject``: the row; ``drop``: only the failed segments, while at least one media
+            segment came back.
+    """
 
     name = "download"
     resources = Resources(cpus=1)

@@ -9,7 +9,7 @@ recipe can route, say, half of the image captions to image-audio-text — and ma
 selected sample a builder cannot build is rejected with the reason, one it does not apply to (a
 single sentence to interleave, a text too long for a TTS pair) passes through unchanged.
 
-Data types (PAPER.md sections 2-3): image caption, interleaved image-text, ASR pairs
+Data types (docs/PAPER.md sections 2-3): image caption, interleaved image-text, ASR pairs
 ``<audio, transcript>``, TTS pairs ``<text, audio>``, speech-text interleaved (sentences, a prefix
 quarter spoken), image-audio-text (question spoken, answer written; or the paper's prefix quarter
 of a caption spoken), video-audio-text (keyframes + the video's own audio + transcript + caption).
@@ -54,7 +54,14 @@ class NotApplicable(Exception):
 
 
 class Builder(Operator):
-    """Selection, pass-through and rejection shared by every builder; subclasses implement ``build``."""
+    """Selection, pass-through and rejection shared by every builder; subclasses implement ``build``.
+
+    Params:
+        kinds: the sample kinds it builds from (default: the builder's own ``kinds``).
+        sources: only samples of these sources (null: all).
+        languages: only samples in these languages (``meta.lang``; null: all).
+        share: the stable-hash share of the selected samples it takes (the rest pass through).
+    """
 
     kinds: ClassVar[tuple[str, ...]] = ()
     resources = Resources(cpus=1)
@@ -158,7 +165,7 @@ def speech_layout(segments: list[dict[str, Any]], spoken: set[int], keep_images:
 
 def spoken_indices(n: int, fraction: float, placement: str, key: str) -> set[int]:
     """Which of ``n`` sentences become speech: ``round(n * fraction)`` of them, at least one, and at
-    least one left as text; the first ones (``prefix``, PAPER.md section 3) or a stable random set."""
+    least one left as text; the first ones (``prefix``, docs/PAPER.md section 3) or a stable random set."""
     k = min(n - 1, max(1, math.floor(n * fraction + 0.5)))
     if placement == "prefix":
         return set(range(k))
@@ -169,7 +176,11 @@ def spoken_indices(n: int, fraction: float, placement: str, key: str) -> set[int
 @register
 class BuildImageCaption(Builder):
     """``<image, caption>``: the source caption, or the CoCa caption when the source has none
-    (``prefer: model`` reverses that)."""
+    (``prefer: model`` reverses that).
+
+    Params:
+        prefer: ``source`` (the source's caption first) or ``model`` (CoCa's first).
+    """
 
     name = "build_image_caption"
     kinds = ("image", "image_caption")
@@ -189,7 +200,11 @@ class BuildImageCaption(Builder):
 @register
 class BuildInterleavedImageText(Builder):
     """Interleaved image-text documents kept in reading order, empty texts dropped; images without
-    any text nearby get their CoCa caption as alt text when ``alt_text`` is set."""
+    any text nearby get their CoCa caption as alt text when ``alt_text`` is set.
+
+    Params:
+        alt_text: add CoCa captions as alt text to images with no text beside them.
+    """
 
     name = "build_interleaved_image_text"
     kinds = ("interleaved_image_text",)
@@ -215,7 +230,13 @@ class BuildInterleavedImageText(Builder):
 @register
 class BuildASR(Builder):
     """``<audio, transcript>``: the source transcript when there is one (its WER against whisper is
-    kept as ``asr_ref_wer``; above ``max_ref_wer`` the pair is rejected), else whisper's transcript."""
+    kept as ``asr_ref_wer``; above ``max_ref_wer`` the pair is rejected), else whisper's transcript.
+
+    Params:
+        max_ref_wer: reject a pair whose source transcript is further than this WER from whisper's (null:
+            only scored).
+        keep_normalized: keep ``normalize_audio``'s 16 kHz copy in the sample too.
+    """
 
     name = "build_asr"
     kinds = ("audio", "asr")
@@ -256,7 +277,11 @@ class BuildASR(Builder):
 @register
 class BuildTTS(Builder):
     """``<text, audio>``: the text, then the same text marked to be spoken by the ``tts`` step.
-    Texts longer than ``max_chars`` stay text samples (a TTS pair should be one utterance)."""
+    Texts longer than ``max_chars`` stay text samples (a TTS pair should be one utterance).
+
+    Params:
+        max_chars: longer texts are left as text samples.
+    """
 
     name = "build_tts"
     kinds = ("text",)
@@ -276,7 +301,13 @@ class BuildTTS(Builder):
 
 
 class _SentenceSpeech(Builder):
-    """Shared by the speech-text and prefix-mode image-audio-text builders: split, choose, mark."""
+    """Shared by the speech-text and prefix-mode image-audio-text builders: split, choose, mark.
+
+    Params:
+        fraction: the share of sentences spoken (the paper's 1/4), in (0, 1).
+        placement: ``prefix`` (the first sentences) or ``random`` (a stable random set).
+        min_sentences: texts with fewer sentences are left as they are (at least 2).
+    """
 
     def __init__(self, fraction: float = 0.25, placement: str = "prefix", min_sentences: int = 2, **params: Any):
         super().__init__(fraction=fraction, placement=placement, min_sentences=min_sentences, **params)
@@ -301,7 +332,11 @@ class _SentenceSpeech(Builder):
 class BuildSpeechTextInterleaved(_SentenceSpeech):
     """Text split into sentences; ``fraction`` of them (the paper's 1/4) marked to be spoken — the
     first ones (``placement: prefix``) or a stable random set (``random``); the rest stay text.
-    Images are dropped unless ``keep_images`` (the sample then is the paper's image-audio-text)."""
+    Images are dropped unless ``keep_images`` (the sample then is the paper's image-audio-text).
+
+    Params:
+        keep_images: keep an interleaved document's images (the sample becomes image-audio-text).
+    """
 
     name = "build_speech_text_interleaved"
     kinds = ("text", "interleaved_image_text")
@@ -322,7 +357,13 @@ class BuildImageAudioText(_SentenceSpeech):
     """Image + speech + text. ``mode: question`` (default): a question about the image is spoken and
     the caption is the written answer. ``mode: prefix``: the paper's section-3 recipe — the caption's
     first quarter of sentences is spoken and the rest written (single-sentence captions fall back to
-    ``question``)."""
+    ``question``).
+
+    Params:
+        mode: ``question`` (a spoken question, the caption as answer) or ``prefix`` (part of the caption spoken).
+        questions: the questions to choose from (a stable hash of the sample id picks one).
+        prefer: ``source`` (the source's caption first) or ``model`` (CoCa's first).
+    """
 
     name = "build_image_audio_text"
     kinds = ("image_caption",)
@@ -355,8 +396,14 @@ class BuildImageAudioText(_SentenceSpeech):
 class BuildVideoAudioText(Builder):
     """Keyframes + the video's own audio track (stream-copied, as the paper takes it) + whisper's
     transcript + a caption (the source's text, else the CoCa caption of each clip's middle keyframe).
-    A video without sound becomes ``video_caption`` (keyframes + caption). ``keep_video`` keeps the
-    source video segment too. Needs ``keyframes`` (and ``transcribe``, ``caption``) first."""
+
+    A video without sound becomes ``video_caption`` (keyframes + caption). Needs ``keyframes`` (and
+    ``transcribe``, ``caption``) first.
+
+    Params:
+        keep_video: keep the source video segment too.
+        timeout_s: seconds per ffmpeg call (the audio track's copy).
+    """
 
     name = "build_video_audio_text"
     kinds = ("video", "video_caption", "video_audio_text")

@@ -63,8 +63,13 @@ def probe_segment(seg: dict[str, Any], timeout_s: float, clip_seconds: float | N
 
 @register
 class Probe(Operator):
-    """Params: ``timeout_s`` per ffprobe call, ``threads``, ``clip_seconds`` (videos longer than this get
-    ``clips`` time ranges; null disables splitting)."""
+    """Probes audio and video segments with ffprobe: duration, streams, sample rate, size, into segment meta.
+
+    Params:
+        timeout_s: seconds per ffprobe call.
+        threads: media probed in parallel within a batch.
+        clip_seconds: videos longer than this get ``clips`` time ranges; null disables splitting.
+    """
 
     name = "probe"
     resources = Resources(cpus=1)
@@ -101,7 +106,10 @@ class Probe(Operator):
 class NormalizeAudio(Operator):
     """Adds a 16 kHz mono copy (``role: asr_input``) after every source audio segment; the original stays.
 
-    Params: ``format`` (``wav`` or ``flac``), ``timeout_s``."""
+    Params:
+        format: the copy's container, ``wav`` or ``flac``.
+        timeout_s: seconds per ffmpeg call.
+    """
 
     name = "normalize_audio"
     resources = Resources(cpus=1)
@@ -157,10 +165,18 @@ def jpeg(frame: Any, quality: int) -> bytes:
 class Keyframes(Operator):
     """Adds each source video's keyframes as image segments (``role: keyframe``, ``t``, ``clip``) after it.
 
-    Params: ``fps`` (1), ``max_frames`` per clip (32), ``max_pixels`` per frame (602,112), ``jpeg_quality``,
-    ``timeout_s`` per ffmpeg call, ``threads``. Clips come from ``probe``'s ``clips``; without them the
-    whole video is one clip. A keyframe's ``t`` is when it is on screen: t = 0, 1, ... up to the clip's
-    last partial second (``clip_frames``), the frames ``count_tokens`` charges for the video."""
+    Clips come from ``probe``'s ``clips``; without them the whole video is one clip. A keyframe's ``t``
+    is when it is on screen: t = 0, 1, ... up to the clip's last partial second (``clip_frames``), the
+    frames ``count_tokens`` charges for the video.
+
+    Params:
+        fps: keyframes per second of video.
+        max_frames: at most this many keyframes per clip.
+        max_pixels: a larger frame is scaled down to this many pixels.
+        jpeg_quality: JPEG quality of the stored keyframes.
+        timeout_s: seconds per ffmpeg call.
+        threads: videos decoded in parallel within a batch.
+    """
 
     name = "keyframes"
     resources = Resources(cpus=1)

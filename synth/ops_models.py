@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from pipelines.operator import Operator, Resources, register, with_rejections
+from pipelines.operator import Operator, Resources, Threshold, register, with_rejections
 from shards.schema import dumps_meta
 from synth.avtools import ASR_SAMPLE_RATE, decode_audio_batch, wav_bytes
 from synth.media import DEFAULT_TIMEOUT_S, MediaError
@@ -57,10 +57,32 @@ class Transcribe(Operator):
     and rejected as ``hallucinated transcript`` above ``max_compression_ratio``, ``max_repeated_ngram_ratio``
     or ``max_no_speech_prob`` (``null`` only scores). ``channels: split`` transcribes the two channels of
     a stereo file with distinct content apart (``asr.channels``: one transcript each, left then right).
+    A video without an audio track gets no transcript; undecodable audio rejects the sample.
 
-    Other params: ``batch_size``, ``beam_size``, ``timestamps`` (per-segment times), ``language`` (force
-    one; no detection), ``compute_type``, ``cpu_threads``, ``timeout_s`` per decode, ``overwrite``. A video
-    without an audio track gets no transcript; undecodable audio rejects the sample."""
+    Params:
+        model: the multilingual whisper: ``base`` (the packaged one, the default) or a local CTranslate2
+            whisper directory.
+        english_model: for speech detected as English: ``tiny.en`` (packaged), a path, or null (``model``).
+        languages: the languages kept; another is rejected as ``language not supported by model`` (null: all).
+        min_language_probability: a detection less sure than this is ``und`` and stays off the English model.
+        chinese_script: Mandarin transcripts in ``simplified`` or ``traditional`` characters (null: as
+            whisper wrote them).
+        max_compression_ratio: a transcript compressing better than this (a loop) is ``hallucinated
+            transcript`` (null: only scored).
+        max_repeated_ngram_ratio: the share of repeated n-grams above which a transcript is ``hallucinated
+            transcript`` (null: only scored).
+        max_no_speech_prob: whisper's no-speech probability above which a transcript is ``hallucinated
+            transcript`` (null: only scored).
+        channels: ``mix`` (one transcript) or ``split`` (a stereo file's channels apart).
+        batch_size: clips decoded per model call.
+        beam_size: whisper's beam width (1: greedy).
+        timestamps: keep per-segment start and end times in ``asr.segments``.
+        language: force this language and skip detection.
+        compute_type: CTranslate2 compute type (``default``, ``int8``, ``float16``...).
+        cpu_threads: CTranslate2 threads (0: its default).
+        timeout_s: seconds per audio decode.
+        overwrite: transcribe segments that already have ``meta.asr``.
+    """
 
     name = "transcribe"
     stateful = True
@@ -279,12 +301,22 @@ class Transcribe(Operator):
 class Caption(Operator):
     """CoCa captions of images and video keyframes, into ``meta.caption``.
 
-    Params: ``config`` (open_clip architecture name or a config .json), ``checkpoint`` (local file),
-    ``batch_size``, ``generation_type`` (``beam_search``, ``top_k`` or ``top_p``), ``seq_len``,
-    ``num_beams``, ``top_k``, ``seed``, ``threads`` (torch CPU threads while captioning: the one CPU
-    the step reserves; captions do not depend on it), ``overwrite``. Sampled captions are seeded per
-    image by ``seed`` and ``<sample id>/<segment index>``, so they repeat in every run. Undecodable
-    images reject the sample."""
+    Sampled captions are seeded per image by ``seed`` and ``<sample id>/<segment index>``, so they
+    repeat in every run. Undecodable images reject the sample.
+
+    Params:
+        config: an open_clip architecture name or a config .json.
+        checkpoint: the CoCa weights (a local file).
+        batch_size: images captioned per call.
+        generation_type: ``beam_search``, ``top_k`` or ``top_p``.
+        seq_len: the longest caption, in tokens.
+        num_beams: beams for ``beam_search``.
+        top_k: candidates per token for ``top_k`` sampling.
+        seed: the seed of sampled captions.
+        threads: torch CPU threads while captioning (the one CPU the step reserves; captions do not
+            depend on it).
+        overwrite: caption images that already have ``meta.caption``.
+    """
 
     name = "caption"
     stateful = True
@@ -373,10 +405,15 @@ class TTS(Operator):
     """Speaks every text segment a builder marked ``speak``: it becomes an audio segment (WAV) with
     ``meta.tts = {voice, text}``, in the same place.
 
-    Params: ``voices`` (list of ``piper:...`` / ``espeak:...``; default the packaged piper voice),
-    ``fallback`` (voice used when one fails; ``null`` to reject instead), ``length_scale``, ``threads``
-    (ONNX Runtime threads per piper voice; its output depends on the count, so it is fixed, not the
-    machine's core count). The voice of a clip is a hash of the sample id and segment index."""
+    The voice of a clip is a hash of the sample id and segment index.
+
+    Params:
+        voices: ``piper:...`` / ``espeak:...`` voices to choose from (default the packaged piper voice).
+        fallback: the voice used when one fails (null: reject instead).
+        length_scale: speaking rate (above 1: slower; null: the voice's own).
+        threads: ONNX Runtime threads per piper voice (its output depends on the count, so it is fixed,
+            not the machine's core count).
+    """
 
     name = "tts"
     stateful = True
@@ -444,7 +481,15 @@ class TTSBackcheck(Operator):
     it speaks (``meta.tts.backcheck`` and a ``tts_wer`` column: the worst clip of the sample), and
     reject samples above ``max_wer`` (``null`` only scores, for tuning the threshold from a histogram).
 
-    Params: ``max_wer`` (0.1), plus ``transcribe``'s model params."""
+    Params:
+        max_wer: a sample whose worst clip's WER is above this is rejected (null: only scored).
+        model: the whisper that listens (as ``transcribe``'s ``model``).
+        batch_size: clips decoded per model call.
+        beam_size: whisper's beam width (1: greedy).
+        compute_type: CTranslate2 compute type (``default``, ``int8``, ``float16``...).
+        cpu_threads: CTranslate2 threads (0: its default).
+        timeout_s: seconds per audio decode.
+    """
 
     name = "tts_backcheck"
     stateful = True
@@ -519,3 +564,9 @@ class TTSBackcheck(Operator):
                     )
         out = replace_samples(batch, rows).append_column("tts_wer", pa.array(worst, pa.float64()))
         return with_rejections(out, reasons, details)
+
+    def score_columns(self) -> list[str]:
+        return ["tts_wer"]
+
+    def thresholds(self) -> list[Threshold]:
+        return [] if self.max_wer is None else [Threshold("tts_wer", "max", self.max_wer, "tts back-check failed")]

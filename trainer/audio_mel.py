@@ -1,4 +1,4 @@
-"""The 24 kHz, 80-bin log-mel that the audio decoder, flow matching and the vocoder share (PAPER.md §5).
+"""The 24 kHz, 80-bin log-mel that the audio decoder, flow matching and the vocoder share (docs/PAPER.md §5).
 
 100 frames per second (hop 240 at 24 kHz), the same rate as Whisper's 16 kHz features (hop 160), so a
 clip's target mel and its encoder input have the same frame count: 8 mel frames per 12.5 Hz token.

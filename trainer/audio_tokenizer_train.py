@@ -1,4 +1,4 @@
-"""Stage 0.1: train the audio tokenizer (PAPER.md §5.1) – Whisper encoder → 12.5 Hz bridge → 8-layer RVQ →
+"""Stage 0.1: train the audio tokenizer (docs/PAPER.md §5.1) – Whisper encoder → 12.5 Hz bridge → 8-layer RVQ →
 reconstruction decoder, with the objectives of Baichuan-Audio's tokenizer:
 
 - multi-scale mel reconstruction: L1 + L2 of the decoder's coarse and refined mel against the clip's 24 kHz

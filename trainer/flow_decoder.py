@@ -1,4 +1,4 @@
-"""Stage 0.2: the flow-matching decoder, from the frozen audio tokenizer's decoder states to 24 kHz mel (PAPER.md §5).
+"""Stage 0.2: the flow-matching decoder, frozen audio tokenizer decoder states to 24 kHz mel (docs/PAPER.md §5).
 
 Conditional flow matching as Matcha-TTS and CosyVoice do it:
 

@@ -1,7 +1,7 @@
 """Generation from a trained run: text, and speech through tokenizer decoder → flow matching → vocoder.
 
 ``OmniGenerator.from_run(RUN_DIR)`` loads the latest finished LLM stage (``<run>/<stage>/final``, stage
->= 1), the flow-matching decoder of stage 0.2 and the vocoder of stage 0.3. Decoding (PAPER.md §5):
+>= 1), the flow-matching decoder of stage 0.2 and the vocoder of stage 0.3. Decoding (docs/PAPER.md §5):
 
 - the Qwen2 LLM decodes with a KV cache (``DynamicCache``); text tokens are sampled with temperature,
   top-k and top-p from a seeded ``torch.Generator``;

@@ -1,4 +1,4 @@
-"""The omni model of PAPER.md, composed of real parts, with the released code's module names.
+"""The omni model of docs/PAPER.md, composed of real parts, with the released code's module names.
 
 - ``model.embed_tokens / model.layers / model.norm`` + ``lm_head``: a Qwen2 LLM (transformers),
   loaded from a local pretrained path or built from a config.
@@ -640,7 +640,7 @@ class OmniModel(nn.Module):
 
 
 def parameter_groups(model: nn.Module) -> dict[str, int]:
-    """Parameter counts by the names a stage freezes/unfreezes (PAPER.md §8)."""
+    """Parameter counts by the names a stage freezes/unfreezes (docs/PAPER.md §8)."""
     from trainer.stages import MODULE_GROUPS
 
     counts = dict.fromkeys(MODULE_GROUPS, 0)

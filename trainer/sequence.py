@@ -4,7 +4,7 @@ Images become ``<img_start> <img_pad>×N <img_end>`` (N = merged 2×2 patches), 
 ``<video_start>`` + one image span per frame + ``<video_end>``, audio input
 ``<audio_start> <audio_pad>×N <audio_end>`` and audio to generate
 ``<audiogen_start> <audio_pad>×N <audiogen_end>`` (N = 12.5 Hz frames). Media spans never carry text
-loss. Which text carries loss depends on the data type (PAPER.md §2.3, §3; [A] §3.3.1): ASR and INTLV
+loss. Which text carries loss depends on the data type (docs/PAPER.md §2.3, §3; [A] §3.3.1): ASR and INTLV
 learn the text, TTS and pure audio learn the audio (audio head), ITTS learns audio and every text
 segment but the first, captions/interleaved/video/omni data learn their text.
 
@@ -50,7 +50,7 @@ class Format:
     speech_after_text: bool = False  # each audio segment follows its own words (ITTS: text_i, audio_i)
 
 
-ASR_PROMPT = "将语音转录为文本:"  # the released base-model ASR prompt (PAPER.md §8)
+ASR_PROMPT = "将语音转录为文本:"  # the released base-model ASR prompt (docs/PAPER.md §8)
 OMNI_IMAGE_PROMPT = (
     "Please listen to the following audio describing the content of the image. Your task is to supplement "
     "additional information by combining the audio with the image upon completion of listening"

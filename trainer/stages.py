@@ -1,6 +1,6 @@
 """Stage configs (conf/stages/*.yaml): what trains, at which learning rate, on which mixture, for how long.
 
-A stage names trainable modules by the released code's names (PAPER.md §8) or by these group
+A stage names trainable modules by the released code's names (docs/PAPER.md §8) or by these group
 aliases; everything else is frozen. Learning rates map module prefixes (or aliases) to values with a
 ``default``. ``init_from`` is the previous stage's id: its exported weights start this stage.
 Strings may use ``${VAR}`` or ``${VAR:-default}``; ``--set a.b=value`` overrides any field (YAML value).
@@ -23,7 +23,20 @@ from typing import Any
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from pipelines.overrides import apply_override  # --set, shared with omni run
+
+
+def _conf_dir() -> Path:
+    """The shipped configs: ``omnicorpus_conf/`` beside the packages of an installed wheel (pyproject.toml maps
+    ``conf/`` there), else the checkout's ``conf/``."""
+    root = Path(__file__).resolve().parents[1]
+    for d in (root / "omnicorpus_conf", root / "conf"):
+        if (d / "stages").is_dir():
+            return d
+    return root / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "vit": ("model.visual_model",),
@@ -67,21 +80,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def apply_override(doc: dict[str, Any], assignment: str) -> None:
-    """``a.b.c=value`` with ``value`` parsed as YAML (numbers, lists, mappings, null)."""
-    key, sep, value = assignment.partition("=")
-    if not sep or not key:
-        raise StageError(f"override {assignment!r} is not KEY=VALUE")
-    parts = key.split(".")
-    node = doc
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise StageError(f"override {assignment!r}: {part} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value)
-
-
-def _resolve_conf(ref: str, kind: str, base: Path, suffixes: tuple[str, ...]) -> Path:
+def resolve_conf(ref: str, kind: str, base: Path, suffixes: tuple[str, ...]) -> Path:
     """A name in conf/<kind>/ or a path (relative to the stage file, then the working directory)."""
     candidates = [base / ref, Path(ref)] + [CONF_DIR / kind / f"{ref}{s}" for s in suffixes]
     for c in candidates:
@@ -91,11 +90,11 @@ def _resolve_conf(ref: str, kind: str, base: Path, suffixes: tuple[str, ...]) ->
 
 
 def load_model_config(ref: str, base: Path | None = None) -> dict[str, Any]:
-    return expand_vars(load_yaml(_resolve_conf(ref, "models", base or Path.cwd(), (".yaml", ".yml"))))
+    return expand_vars(load_yaml(resolve_conf(ref, "models", base or Path.cwd(), (".yaml", ".yml"))))
 
 
 def load_deepspeed_config(ref: str, base: Path | None = None) -> dict[str, Any]:
-    path = _resolve_conf(ref, "deepspeed", base or Path.cwd(), (".json", ".yaml", ".yml"))
+    path = resolve_conf(ref, "deepspeed", base or Path.cwd(), (".json", ".yaml", ".yml"))
     return load_yaml(path)  # JSON is YAML
 
 
@@ -143,7 +142,7 @@ class StageConfig:
     def deepspeed_config(self) -> dict[str, Any]:
         return load_deepspeed_config(self.deepspeed, self.path.parent)
 
-    def _export_path(self, ref: str | None) -> Path | None:
+    def export_path(self, ref: str | None) -> Path | None:
         """A stage id's export under this run's output, or a file/dir given as a path."""
         if not ref:
             return None
@@ -154,11 +153,11 @@ class StageConfig:
 
     def init_weights(self) -> Path | None:
         """The weights this stage starts from: a previous stage's export, or a file/dir given as a path."""
-        return self._export_path(self.init_from)
+        return self.export_path(self.init_from)
 
     def audio_tokenizer_weights(self) -> Path | None:
         """Stage 0.1's export (keys ``tokenizer.*``) that replaces the model's audio tokenizer."""
-        return self._export_path(self.audio_tokenizer_from)
+        return self.export_path(self.audio_tokenizer_from)
 
     @property
     def is_audio(self) -> bool:
@@ -228,6 +227,28 @@ def load_stage(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     return stage_from_dict(doc, Path(path).resolve())
 
 
+def resolve_stage_ref(ref: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:
+    """A stage YAML path, or a stage id (``1.1``) or file stem (``1.1-image-projector``) of the shipped stages."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") or os.sep in str(ref):
+        raise FileNotFoundError(f"no such file: {p}")
+    d = Path(directory) if directory is not None else CONF_DIR / "stages"
+    ids: dict[str, Path] = {}
+    for q in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+        if q.stem == str(ref) or q.name == str(ref):
+            return q
+        try:
+            ids[str(load_yaml(q).get("stage"))] = q
+        except (StageError, OSError):
+            continue
+    if str(ref) in ids:
+        return ids[str(ref)]
+    known = ", ".join(sorted(ids, key=lambda s: stage_key(s) if re.fullmatch(r"\d+(\.\d+)*", s) else (99,)))
+    raise FileNotFoundError(f"no stage file or stage id {str(ref)!r} (stage ids in {d}: {known or 'none'})")
+
+
 def stage_key(stage_id: str) -> tuple[int, ...]:
     """Paper order: the audio stages 0.1 < 0.2 < 0.3, then 1.1 < 1.2 < 2.1 < 2.2 < 3 < 4.1 < 4.2."""
     try:
@@ -266,7 +287,7 @@ def set_trainable(model: Any, names: list[str]) -> dict[str, int]:
     frozen = expand_names(list(ALWAYS_FROZEN))
     for p in prefixes:
         if any(_matches(p, f) or _matches(f, p) for f in frozen):
-            raise StageError(f"{p} cannot train: the audio tokenizer is always frozen (PAPER.md §8)")
+            raise StageError(f"{p} cannot train: the audio tokenizer is always frozen (docs/PAPER.md §8)")
     counts = dict.fromkeys(prefixes, 0)
     for pname, param in model.named_parameters():
         hit = next((p for p in prefixes if _matches(pname, p)), None)

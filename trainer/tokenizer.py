@@ -2,7 +2,7 @@
 
 ``tiny`` trains a real byte-level BPE (``tokenizers``) on the corpus texts so tests exercise the
 same code path as a released tokenizer; ``baichuan-omni-1.5`` points at a local Qwen2.5 tokenizer
-directory. Either way the modality tokens of PAPER.md §5.3/§6/§8 are present after loading.
+directory. Either way the modality tokens of docs/PAPER.md §5.3/§6/§8 are present after loading.
 """
 
 from __future__ import annotations

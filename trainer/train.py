@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()
-    os._exit(code)  # a gloo race at interpreter exit can abort a finished rank (STACK.md)
+    os._exit(code)  # a gloo race at interpreter exit can abort a finished rank (docs/STACK.md)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage 0.3: the HiFi-GAN vocoder, 80-bin log-mel at 100 Hz → 24 kHz waveform (PAPER.md §5).
+"""Stage 0.3: the HiFi-GAN vocoder, 80-bin log-mel at 100 Hz → 24 kHz waveform (docs/PAPER.md §5).
 
 HiFi-GAN v1's layout (Kong et al. 2020, jik876/hifi-gan): ``conv_pre`` → transposed-conv upsampling (rates
 multiplying to the hop, 240) each followed by a multi-receptive-field fusion of ResBlocks → ``conv_post`` →
