@@ -54,6 +54,7 @@ def test_one_shard_runs_as_row_ranges_on_a_local_pool(tmp_path: Path) -> None:
     assert report["phases"]["features"]["tasks"] >= 2  # one shard, several workers
     assert report["phases"]["features"]["worker_peak_rss"] > 0
     roots = list(range(n))
+    assert [p.name for p in (tmp_path / "out" / "rejects").iterdir()] == ["dedup.parquet"], "ledger parts merged"
     for r in pq.read_table(tmp_path / "out" / "rejects" / "dedup.parquet").to_pylist():
         roots[ids[r["id"]]] = ids[json.loads(r["detail"])["kept"]]
     scores = score_clusters(roots, corpus.true_pairs)

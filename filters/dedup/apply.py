@@ -250,12 +250,19 @@ class ShardTask:
     drops: dict
     out_dir: str
     drops_dir: str | None = None  # read this shard's drops from here
+    ledger_dir: str | None = None  # write this shard's ledger rows here as one part
 
 
 def shard_task(t: ShardTask) -> dict[str, Any]:
+    """Filter one shard; its ledger rows go to a part file, so the driver never holds them all."""
     drops = t.drops if t.drops_dir is None else shard_drops(t.drops_dir, t.shard.index)
     infos, ledger = filter_shard(t.shard, drops, t.out_dir, _stem(t.shard.name), t.shard.unit)
-    return {"infos": infos, "ledger": ledger}
+    part = None
+    if ledger and t.ledger_dir is not None:
+        part = storage.join(t.ledger_dir, f"{t.shard.index:08d}.parquet")
+        with storage.atomic_write(part) as f:
+            pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA), f)
+    return {"infos": infos, "ledger_part": part, "dropped": len(ledger)}
 
 
 def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str, runner: Runner) -> dict[str, Any]:
@@ -266,21 +273,27 @@ def apply_to_shardset(inputs: Inputs, work: WorkDir, out: str, runner: Runner) -
         dups = work.read_table("duplicates") if storage.listdir(work.path("duplicates"), ".parquet") else None
         by_shard = drops_by_shard_of(dups) if dups is not None else {}
     shards_out = storage.join(out, "shards")
+    parts = storage.join(out, "rejects", ".dedup-parts")
     storage.makedirs(shards_out)
+    storage.makedirs(parts)
     written: list[ShardInfo] = []
-    ledger: list[dict[str, Any]] = []
     if routed is None:
-        tasks = [ShardTask(shard, by_shard.get(shard.index, {}), shards_out) for shard in inputs.shards]
+        tasks = [ShardTask(shard, by_shard.get(shard.index, {}), shards_out, None, parts) for shard in inputs.shards]
     else:
         folder, present = routed
-        tasks = [ShardTask(s, {}, shards_out, folder if s.index in present else None) for s in inputs.shards]
+        tasks = [ShardTask(s, {}, shards_out, folder if s.index in present else None, parts) for s in inputs.shards]
     results, stats = runner.map(shard_task, tasks)  # one task per shard, results in shard order
     for r in results:
         written.extend(r["infos"])
-        ledger.extend(r["ledger"])
     write_shardset_manifest(shards_out, written, {"deduplicated_from": inputs.root})
-    table = pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA)
-    with storage.atomic_write(storage.join(out, "rejects", "dedup.parquet")) as f:
-        pq.write_table(table, f)
+    with storage.atomic_write(storage.join(out, "rejects", "dedup.parquet")) as f:  # the parts, one at a time
+        with pq.ParquetWriter(f, LEDGER_SCHEMA) as ledger:
+            for r in results:
+                if r["ledger_part"]:
+                    with storage.open_read(r["ledger_part"]) as part:
+                        ledger.write_table(pq.read_table(part, schema=LEDGER_SCHEMA))
+    fs, parts_path = storage.filesystem(parts)
+    if fs.exists(parts_path):
+        fs.rm(parts_path, recursive=True)
     kept = int(np.sum([i.stats.samples for i in written]))
-    return {"shards": len(written), "written": kept, "dropped": len(ledger), **stats}
+    return {"shards": len(written), "written": kept, "dropped": int(sum(r["dropped"] for r in results)), **stats}
