@@ -116,6 +116,13 @@ class Phases:
         rows = (self.work.done("features") or {}).get("rows") or sum(s.samples for s in self.inputs.shards)
         return max(self.runner.workers, min(4096, math.ceil(rows * 16 / self.cfg.rows_per_partition)))
 
+    def pair_partitions(self) -> int:
+        """Verify partitions: about ``rows_per_partition / 8`` candidate pairs each (a pair to verify
+        carries two signatures; candidate pairs grow faster than the corpus, so sizing these from the
+        band rows let a partition's pairs grow with it), never fewer than the band partitions."""
+        pairs = int((self.work.done("candidates") or {}).get("rows", 0))
+        return max(self.partitions(), min(4096, math.ceil(pairs * 8 / self.cfg.rows_per_partition)))
+
     # ------------------------------------------------------------ phases
 
     def feature_tasks(self, out: str, partitions: int) -> list[FeatureTask]:
@@ -182,7 +189,7 @@ class Phases:
     def _edges_partitioned(self, out: str) -> dict[str, Any]:
         """Candidates routed to their pair partition (confirmed) or their nodes' feature files (to
         verify); blobs attached in one task per feature file; pairs compared per partition."""
-        layout = self.layout()
+        layout = Layout(self.work.path("features"), self.pair_partitions())
         self.work.remove(NODE_IDS)
         files = storage.listdir(self.work.path("candidates"), ".parquet")
 
