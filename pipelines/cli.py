@@ -134,12 +134,31 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pipelines.plan import format_plan, load_corpus, make_plan, write_mixtures
+    from pipelines.plan import (
+        PlanError,
+        format_plan,
+        load_corpus,
+        make_plan,
+        missing_message,
+        missing_shard_sets,
+        plan_mixtures,
+        write_mixtures,
+    )
 
-    corpus = load_corpus(args.corpus)
-    plan = make_plan(corpus, args.have, bench_path=args.bench)
-    if args.mixtures:
-        write_mixtures(plan, corpus, args.have, args.mixtures)
+    def warn(message: str) -> None:
+        print(f"omni plan: warning: {message}", file=sys.stderr)
+
+    try:
+        corpus = load_corpus(args.corpus)
+        plan = make_plan(corpus, args.have, bench_path=args.bench)
+        if args.mixtures:
+            write_mixtures(plan, corpus, args.have, args.mixtures, strict=args.strict, warn=warn)
+        elif args.strict:  # the same check without writing: which shard sets the stages' mixtures lack
+            missing = missing_shard_sets(plan_mixtures(corpus, args.have))
+            if missing:
+                raise PlanError(missing_message(missing))
+    except PlanError as e:
+        raise UserError(str(e)) from e
     print(format_plan(plan))
     return 0
 
@@ -233,7 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("corpus", help="target corpus YAML, e.g. conf/corpus/omni500b.yaml")
     pl.add_argument("--have", nargs="*", default=[], help="run dirs / shard dirs / manifests already produced")
     pl.add_argument("--bench", help="bench results JSON (python -m bench.run_all --out FILE) for measured rates")
-    pl.add_argument("--mixtures", help="write one mixture YAML per training stage into this folder")
+    pl.add_argument(
+        "--mixtures",
+        metavar="DIR",
+        help="write DIR/mixture-<stage>.yaml for every training stage (for omni train-all --mixtures DIR); "
+        "entries no --have shard set holds are dropped with a warning, the other weights renormalised",
+    )
+    pl.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop (exit 2) naming the shard sets a stage's mixture needs and no --have run holds, "
+        "instead of dropping them",
+    )
     pl.set_defaults(fn=_cmd_plan)
 
     rp = sub.add_parser("report", help="write an HTML report with plots for a finished run")

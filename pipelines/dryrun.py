@@ -33,10 +33,12 @@ def describe_unit(unit: dict[str, Any]) -> str:
         first, last = groups[0][0], groups[-1][0]
         span = first if len(groups) == 1 else f"{first} .. {last}"
         text = f"{len(groups)} samples ({span})"
-    elif unit["type"] in ("jsonl", "csv"):
+    elif unit.get("array"):
+        text = f"{unit['path']} (one json array, read as a stream)"
+    elif unit["type"] in ("jsonl", "csv") or "start" in unit:
         end = "end" if unit.get("end") is None else unit["end"]
         text = f"{unit['path']} bytes {unit['start']}-{end}"
-    elif unit["type"] == "parquet":
+    elif "row_group" in unit:
         text = f"{unit['path']} row group {unit['row_group']}"
     else:
         text = unit["path"]

@@ -4,7 +4,13 @@ For each data type: target and held tokens, the gap, how many more samples that 
 sample measured from the manifests, else the config's default), how many raw inputs that needs
 (divided by the measured yield, written / ingested), and what processing them costs: CPU-core
 hours and GPU hours from measured stage throughputs (``bench`` results) or the config's stated
-assumptions. It also writes one mixture file per training stage for the trainer.
+assumptions. SFT data types are targeted in pairs (the config's ``sft.pairs``, Table 4), and the image
+SFT pairs by category (``sft.categories``, Table 5) against the manifests' per-category counts.
+
+It also writes one mixture file per training stage for the trainer (``write_mixtures``): every entry
+names only shard-set manifests that hold its data types, so ``omni train-all --mixtures DIR`` runs
+them as they are; an entry no shard set holds is dropped (listed under ``dropped:`` with the reason)
+and the kept weights are renormalised, or with ``strict`` the plan stops and names what is missing.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import yaml
 
 from pipelines.stats import collect, find_shardset_manifests, token_sums
 from shards import storage
+from shards.manifest import read_shardset_manifest
 
 
 @dataclass
@@ -33,10 +40,36 @@ class KindPlan:
     raw_inputs_needed: float
     target_hours: float | None = None
     have_hours: float | None = None
+    target_pairs: float | None = None  # SFT data types: the target in pairs (samples), Table 4
 
     @property
     def gap_tokens(self) -> float:
         return max(0.0, self.target_tokens - self.have_tokens)
+
+
+@dataclass
+class CategoryPlan:
+    """One category of an SFT data type (Table 5): its share, target pairs and the samples held."""
+
+    kind: str
+    category: str
+    share: float
+    target_pairs: float
+    have_samples: int
+
+    @property
+    def gap_pairs(self) -> float:
+        return max(0.0, self.target_pairs - self.have_samples)
+
+
+@dataclass
+class MixturePlan:
+    """One training stage's mixture as written: the kept entries (weights renormalised) and the dropped ones."""
+
+    stage: str
+    entries: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]
+    path: str | None = None
 
 
 @dataclass
@@ -46,6 +79,9 @@ class Plan:
     yield_ratio: float
     compute: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {items, hours, on, source}
     mixtures: list[str] = field(default_factory=list)
+    categories: list[CategoryPlan] = field(default_factory=list)
+    # SFT kind -> whether the manifests count its categories (else only the config's shares are known)
+    categories_counted: dict[str, bool] = field(default_factory=dict)
 
     def totals(self) -> dict[str, float]:
         cpu = sum(c["hours"] for c in self.compute.values() if c["on"] == "cpu_core")
@@ -64,6 +100,40 @@ def load_corpus(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no such corpus target: {path}")
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+class PlanError(ValueError):
+    """A corpus config the planner cannot use, or (``--strict``) shard sets a mixture needs but no run holds."""
+
+
+def sft_pairs(corpus: dict[str, Any]) -> dict[str, float]:
+    """SFT data type -> target pairs from ``sft.pairs``; each Table 4 column's pairs must add up to it."""
+    sft = corpus.get("sft") or {}
+    table4 = {str(k): float(v) for k, v in (sft.get("table4") or {}).items()}
+    pairs: dict[str, float] = {}
+    by_column: Counter = Counter()
+    for kind, spec in (sft.get("pairs") or {}).items():
+        spec = spec if isinstance(spec, dict) else {"pairs": spec}
+        pairs[kind] = float(spec["pairs"])
+        if spec.get("column") is not None:
+            if str(spec["column"]) not in table4:
+                raise PlanError(f"sft.pairs.{kind}: column {spec['column']!r} is not in sft.table4 {sorted(table4)}")
+            by_column[str(spec["column"])] += pairs[kind]
+    for column, n in by_column.items():
+        if abs(n - table4[column]) > 1e-6 * max(1.0, table4[column]):
+            raise PlanError(f"sft.pairs of column {column!r} add up to {n:,.0f}, not Table 4's {table4[column]:,.0f}")
+    return pairs
+
+
+def sft_categories(corpus: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """SFT data type -> {category: share} from ``sft.categories`` (Table 5); shares must add up to 1."""
+    out: dict[str, dict[str, float]] = {}
+    for kind, shares in ((corpus.get("sft") or {}).get("categories") or {}).items():
+        shares = {str(c): float(v) for c, v in shares.items()}
+        if abs(sum(shares.values()) - 1.0) > 1e-3:
+            raise PlanError(f"sft.categories.{kind}: shares add up to {sum(shares.values()):.4f}, not 1")
+        out[kind] = shares
+    return out
 
 
 def _yield(targets: list[str]) -> float:
@@ -102,15 +172,23 @@ def make_plan(corpus: dict[str, Any], targets: list[str], bench_path: str | None
         if modality == "audio":
             audio_tokens[kind] += n
     yield_ratio = _yield(targets)
+    pairs = sft_pairs(corpus)
     kinds = []
-    for kind, spec in corpus["targets"].items():
+    specs = [(kind, spec) for kind, spec in corpus["targets"].items()]
+    specs += [(kind, {"pairs": n}) for kind, n in pairs.items() if kind not in corpus["targets"]]
+    for kind, spec in specs:
         target_hours = spec.get("hours")
-        per_hour = float(corpus["tokens_per_hour"])
-        target = float(target_hours) * per_hour if target_hours is not None else float(spec["tokens"])
+        target_pairs = spec.get("pairs")
         n_samples = stats.kinds.get(kind, 0)
         measured = n_samples > 0 and have[kind] > 0
         per_sample = have[kind] / n_samples if measured else corpus["default_tokens_per_sample"][kind]
-        needed = max(0.0, target - have[kind]) / per_sample
+        if target_pairs is not None:  # SFT: counted in pairs; tokens follow from the tokens per pair
+            target = float(target_pairs) * per_sample
+            needed = max(0.0, float(target_pairs) - n_samples)
+        else:
+            per_hour = float(corpus["tokens_per_hour"])
+            target = float(target_hours) * per_hour if target_hours is not None else float(spec["tokens"])
+            needed = max(0.0, target - have[kind]) / per_sample
         kinds.append(
             KindPlan(
                 kind=kind,
@@ -123,9 +201,18 @@ def make_plan(corpus: dict[str, Any], targets: list[str], bench_path: str | None
                 raw_inputs_needed=needed / max(yield_ratio, 1e-9),
                 target_hours=target_hours,
                 have_hours=audio_tokens[kind] / 12.5 / 3600 if target_hours is not None else None,
+                target_pairs=float(target_pairs) if target_pairs is not None else None,
             )
         )
     plan = Plan(corpus.get("name", "corpus"), kinds, yield_ratio)
+    for kind, shares in sft_categories(corpus).items():
+        held = {c: n for (k, c), n in stats.categories.items() if k == kind}
+        plan.categories_counted[kind] = bool(held)
+        total = pairs.get(kind, 0.0)
+        for category, share in shares.items():
+            plan.categories.append(CategoryPlan(kind, category, share, share * total, held.pop(category, 0)))
+        for category, n in sorted(held.items()):  # counted in the manifests but not in Table 5
+            plan.categories.append(CategoryPlan(kind, category, 0.0, 0.0, n))
     measured_rates = bench_throughputs(bench_path)
     for k in kinds:
         for stage in corpus["stages"].get(k.kind, []):
@@ -142,27 +229,122 @@ def make_plan(corpus: dict[str, Any], targets: list[str], bench_path: str | None
     return plan
 
 
-def write_mixtures(plan: Plan, corpus: dict[str, Any], targets: list[str], out_dir: str) -> list[str]:
-    """One YAML per training stage: the shard-set manifests and the weight of each data type.
+def stage_entries(stage: str, spec: Any) -> list[dict[str, Any]]:
+    """A ``training_stages`` value as mixture entries: ``{kind: weight}`` or a list of
+    ``{name, kinds, weight, format}``."""
+    if isinstance(spec, dict):
+        return [{"name": str(kind), "kinds": [str(kind)], "weight": float(w)} for kind, w in spec.items()]
+    if isinstance(spec, list):
+        out = []
+        for i, e in enumerate(spec):
+            if not isinstance(e, dict) or not e.get("kinds"):
+                raise PlanError(f"training_stages.{stage}[{i}]: an entry needs kinds (and name, weight)")
+            kinds = [str(k) for k in (e["kinds"] if isinstance(e["kinds"], list) else [e["kinds"]])]
+            entry = {"name": str(e.get("name") or "+".join(kinds)), "kinds": kinds, "weight": float(e.get("weight", 1))}
+            if e.get("format"):
+                entry["format"] = str(e["format"])
+            out.append(entry)
+        return out
+    raise PlanError(f"training_stages.{stage}: expected {{data type: weight}} or a list of entries")
 
-    A stage config takes it with ``--set mixture_file=PATH`` (``omni train STAGE.yaml``)."""
-    manifests = [os.path.abspath(m) if "://" not in m else m for t in targets for m in find_shardset_manifests(t)]
-    held = {k.kind for k in plan.kinds if k.have_samples}
+
+def held_manifests(targets: list[str]) -> dict[str, list[str]]:
+    """Data type -> the shard-set manifests (absolute paths or URLs) of ``targets`` that hold samples of it."""
+    out: dict[str, list[str]] = {}
+    for t in targets:
+        for m in find_shardset_manifests(t):
+            path = os.path.abspath(m) if "://" not in m else m
+            for kind, n in read_shardset_manifest(m)["totals"].get("kinds", {}).items():
+                if n and path not in out.setdefault(kind, []):
+                    out[kind].append(path)
+    return out
+
+
+def plan_mixtures(corpus: dict[str, Any], targets: list[str]) -> list[MixturePlan]:
+    """Every training stage's mixture against the shard sets of ``targets``: an entry keeps the manifests
+    that hold its data types; one that no manifest holds is dropped; kept weights add up to 1."""
+    held = held_manifests(targets)
+    plans = []
+    for stage, spec in corpus.get("training_stages", {}).items():
+        kept, dropped = [], []
+        for entry in stage_entries(str(stage), spec):
+            manifests = [m for k in entry["kinds"] for m in held.get(k, [])]
+            if not manifests:
+                missing = ", ".join(entry["kinds"])
+                planned = {k: v for k, v in entry.items() if k != "weight"}
+                dropped.append(
+                    {
+                        **planned,
+                        "planned_weight": entry["weight"],
+                        "reason": f"no shard set of the --have runs holds {missing}",
+                    }
+                )
+                continue
+            kept.append({"name": entry["name"], "manifests": list(dict.fromkeys(manifests)), **entry})
+        total = sum(e["weight"] for e in kept)
+        for e in kept:
+            e["planned_weight"] = e["weight"]
+            e["weight"] = e["weight"] / total if total > 0 else 1.0 / len(kept)
+        plans.append(MixturePlan(str(stage), kept, dropped))
+    return plans
+
+
+def missing_shard_sets(mixtures: list[MixturePlan]) -> dict[str, list[str]]:
+    """Data type -> the stages whose mixture needs it but no run holds it."""
+    out: dict[str, list[str]] = {}
+    for m in mixtures:
+        for d in m.dropped:
+            for kind in d["kinds"]:
+                if m.stage not in out.setdefault(kind, []):
+                    out[kind].append(m.stage)
+    return out
+
+
+def missing_message(missing: dict[str, list[str]]) -> str:
+    what = "; ".join(f"{k} (stage{'s' if len(v) > 1 else ''} {', '.join(v)})" for k, v in missing.items())
+    return f"no shard set of the --have runs holds {what}: produce them, or plan without --strict to drop them"
+
+
+def write_mixtures(
+    plan: Plan,
+    corpus: dict[str, Any],
+    targets: list[str],
+    out_dir: str,
+    strict: bool = False,
+    warn: Any = None,
+) -> list[str]:
+    """One YAML per training stage (``mixture-<stage>.yaml``): the entries, each with the shard-set
+    manifests holding its data types, its renormalised ``weight`` and the corpus's ``planned_weight``;
+    entries no shard set holds go under ``dropped:`` with the reason (and to ``warn``), or with
+    ``strict`` nothing is written and PlanError names the missing shard sets.
+
+    ``omni train-all --mixtures DIR`` uses them for every stage; one stage takes its file with
+    ``--set mixture_file=PATH`` (``omni train STAGE.yaml``)."""
+    mixtures = plan_mixtures(corpus, targets)
+    missing = missing_shard_sets(mixtures)
+    if strict and missing:
+        raise PlanError(missing_message(missing))
     paths = []
     os.makedirs(out_dir, exist_ok=True)
-    for stage, weights in corpus["training_stages"].items():
-        doc = {
-            "stage": str(stage),
-            "corpus": plan.name,
-            "mixture": [
-                {"name": kind, "manifests": list(manifests), "kinds": [kind], "weight": float(w), "held": kind in held}
-                for kind, w in weights.items()
-            ],
-        }
-        path = os.path.join(out_dir, f"mixture-{stage}.yaml")
+    for m in mixtures:
+        path = os.path.join(out_dir, f"mixture-{m.stage}.yaml")
+        doc: dict[str, Any] = {"stage": m.stage, "corpus": plan.name, "mixture": m.entries}
+        if m.dropped:
+            doc["dropped"] = m.dropped
+            doc["note"] = (
+                "weights renormalised over the kept entries"
+                if m.entries
+                else "no entry has a shard set: omni train-all --mixtures stops at this stage"
+            )
         with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+            yaml.safe_dump(doc, f, sort_keys=False, allow_unicode=True)
+        m.path = path
         paths.append(path)
+        for d in m.dropped:
+            if warn:
+                warn(f"stage {m.stage}: {d['name']} dropped (weight {d['planned_weight']:g}): {d['reason']}")
+        if m.dropped and not m.entries and warn:
+            warn(f"stage {m.stage}: no data type of it has a shard set; {path} keeps no entry")
     plan.mixtures = paths
     return paths
 
@@ -185,7 +367,23 @@ def format_plan(plan: Plan) -> str:
         )
         if k.target_hours is not None:
             lines.append(f"{'':<24} audio hours: target {_num(k.target_hours)}, held {k.have_hours:.3f}")
+        if k.target_pairs is not None:
+            lines.append(f"{'':<24} SFT pairs: target {_num(k.target_pairs)}, held {k.have_samples:,}")
     lines.append("(* tokens per sample assumed from the config: no such sample in the manifests yet)")
+    for kind in dict.fromkeys(c.kind for c in plan.categories):
+        rows = [c for c in plan.categories if c.kind == kind]
+        lines.append("")
+        lines.append(f"{kind} by category (Table 5 shares of {_num(sum(c.target_pairs for c in rows))} pairs)")
+        lines.append(f"  {'category':<18} {'share':>7} {'target':>9} {'held':>9} {'gap':>9}")
+        for c in rows:
+            lines.append(
+                f"  {c.category:<18} {100 * c.share:>6.2f}% {_num(c.target_pairs):>9} {c.have_samples:>9,} "
+                f"{_num(c.gap_pairs):>9}"
+            )
+        if not plan.categories_counted.get(kind):
+            lines.append(
+                f"  (the manifests count no {kind} category yet: targets from the config's shares, nothing held)"
+            )
     lines.append("")
     lines.append(f"{'stage':<12} {'items':>10} {'hours':>12} {'on':<9} source")
     for stage, c in sorted(plan.compute.items()):

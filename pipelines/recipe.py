@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-SOURCE_TYPES = ("local", "jsonl", "parquet", "webdataset", "csv")
+SOURCE_TYPES = ("local", "jsonl", "parquet", "webdataset", "csv", "conversations")
+CONVERSATION_FORMATS = ("sharegpt", "llava", "openai")
 
 
 class RecipeError(ValueError):
@@ -143,6 +144,8 @@ SCHEMA: dict[str, dict[str, Kind]] = {
         "delimiter": (",", "\t", ";", "|"),  # csv: default "\t" for .tsv, else ","
         "header": ("auto", True, False),  # csv: is the first row the header (false: columns.names names them)
         "layout": ("auto", "mmc4", "obelics"),  # jsonl/parquet records: interleaved document layout
+        "format": CONVERSATION_FORMATS,  # conversations: the record layout (required there)
+        "media_root": "text",  # conversations: the folder relative media paths resolve in (LLaVA's image_folder)
     },
     "csv_columns": {"text": "text", "url": "text", "modality": ("image", "audio", "video"), "names": "list:text"},
     "step": {"op": "text", "params": "mapping", "resources": "step_resources"},
@@ -185,7 +188,7 @@ HINTS = {  # unknown keys a user is likely to try, with where they go instead
     "num_cpus": "a step's CPUs go in its resources: {cpus: N}",
 }
 # source keys kept in ``SourceSpec.options``
-SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "header", "layout")
+SOURCE_OPTIONS = ("max_member_bytes", "allow_paths", "columns", "delimiter", "header", "layout", "format", "media_root")
 
 
 def _show(value: Any) -> str:
@@ -298,6 +301,17 @@ def recipe_from_dict(doc: dict[str, Any], base_dir: str = ".", output: str | Non
         options = {k: s[k] for k in SOURCE_OPTIONS if k in s}
         if "allow_paths" in options:
             options["allow_paths"] = [_resolve(p, base_dir) for p in options["allow_paths"]]
+        if "media_root" in options:
+            options["media_root"] = _resolve(options["media_root"], base_dir)
+        if ("format" in s) != (s["type"] == "conversations"):
+            where = f"sources[{i}]"
+            raise RecipeError(
+                f"{where}.format: a conversations source needs format: {' | '.join(CONVERSATION_FORMATS)}"
+                if s["type"] == "conversations"
+                else f"{where}.format: only a conversations source has a format"
+            )
+        if "media_root" in s and s["type"] != "conversations":
+            raise RecipeError(f"sources[{i}].media_root: only a conversations source has a media_root")
         sources.append(
             SourceSpec(
                 name=s.get("name", f"{s['type']}{i}"),

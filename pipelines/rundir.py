@@ -318,7 +318,7 @@ def source_roots(sources: Iterable[dict[str, Any]]) -> list[str]:
         if pattern_root is not None:
             roots.append(pattern_root)
             continue
-        if s.get("type") in ("jsonl", "parquet", "csv"):
+        if s.get("type") in ("jsonl", "parquet", "csv", "conversations"):
             try:
                 fs, p = storage.filesystem(path)
                 is_file = fs.isfile(p)
@@ -347,6 +347,8 @@ def uri_roots(recipe: Recipe) -> list[str]:
     for spec in recipe.sources:
         out.extend(source_roots([vars(spec)]))
         out.extend(resolve(p) for p in spec.options.get("allow_paths") or [])
+        if spec.options.get("media_root"):  # a conversations source's media folder
+            out.append(resolve(spec.options["media_root"]))
     return _unique(out)
 
 

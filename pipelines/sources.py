@@ -15,6 +15,9 @@ plain JSON dict so it can be stored in the run's plan and shipped to Ray.
   a header (``header: false``), ``columns.names`` names the columns in order; with ``header: auto``
   (the default) the first row is the header, or, when ``columns.names`` is given, only if it holds
   exactly those names.
+- ``conversations``: chat (SFT) records in the ShareGPT, LLaVA or OpenAI layout (``format``), from
+  JSON lines (as ``jsonl``), Parquet (as ``parquet``) or a ``.json`` array read as a stream; the
+  record → sample step is ``pipelines.conversations``.
 
 JSONL and CSV/TSV manifests may come compressed (``urls.csv.gz``, ``docs.jsonl.zst``: gzip, bzip2,
 xz, zstd, by the last suffix). A compressed file cannot be sought into, so it is one unit, read as
@@ -90,6 +93,7 @@ SUFFIXES = {
     "parquet": (".parquet",),
     "webdataset": TAR_SUFFIXES,
     "csv": _or_compressed((".csv", ".tsv")),
+    "conversations": (*_or_compressed((".jsonl", ".json", ".ndjson")), ".parquet"),
 }
 PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
@@ -106,7 +110,8 @@ def allow_paths(spec: SourceSpec, recipe: Recipe | None = None) -> list[str]:
     """The source's extra roots (``allow_paths``), relative ones resolved against the recipe's folder."""
     base = recipe.base_dir if recipe is not None else "."
     out = []
-    for p in spec.options.get("allow_paths") or []:
+    extra = [spec.options["media_root"]] if spec.options.get("media_root") else []  # conversations
+    for p in [*(spec.options.get("allow_paths") or []), *extra]:
         p = str(p)
         out.append(p if "://" in p or os.path.isabs(p) else os.path.normpath(os.path.join(base, p)))
     return out
@@ -133,6 +138,7 @@ def plan_source(spec: SourceSpec, recipe: Recipe | None = None) -> list[dict[str
         "parquet": _plan_parquet,
         "webdataset": _plan_tars,
         "csv": _plan_csv,
+        "conversations": _plan_conversations,
     }
     units = planner[spec.type](spec, recipe)
     return [{"id": unit_id(spec.name, u), "source": spec.name, "type": spec.type, **u} for u in units]
@@ -326,14 +332,35 @@ def _plan_local(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]
 
 def _plan_jsonl(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
     files, unread = _plan_files(spec, recipe)
-    units = []
+    units = [u for f in files for u in _jsonl_units(f, spec)]
+    return units + unread
+
+
+def _jsonl_units(f: str, spec: SourceSpec) -> list[dict[str, Any]]:
+    """A JSON-lines file's byte ranges (a compressed one: one unit, its whole stream)."""
+    if compression_of(f):
+        return [WHOLE_STREAM | {"path": f}]
+    total = storage.size(f)
+    return [
+        {"path": f, "start": start, "end": min(start + spec.unit_bytes, total)}
+        for start in range(0, max(total, 1), spec.unit_bytes)
+    ]
+
+
+def _plan_conversations(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
+    """JSON lines as ``jsonl`` (byte ranges), Parquet as ``parquet`` (row groups), and a ``.json`` file
+    holding one JSON array (LLaVA's and ShareGPT's releases) as one unit read as a stream."""
+    from pipelines.conversations import is_json_array
+
+    files, unread = _plan_files(spec, recipe)
+    units: list[dict[str, Any]] = []
     for f in files:
-        if compression_of(f):
-            units.append(WHOLE_STREAM | {"path": f})
-            continue
-        total = storage.size(f)
-        for start in range(0, max(total, 1), spec.unit_bytes):
-            units.append({"path": f, "start": start, "end": min(start + spec.unit_bytes, total)})
+        if f.lower().endswith(".parquet"):
+            units += _parquet_units([f])
+        elif is_json_array(f):
+            units.append(WHOLE_STREAM | {"path": f, "array": True})
+        else:
+            units += _jsonl_units(f, spec)
     return units + unread
 
 
@@ -391,6 +418,10 @@ def _plan_parquet(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any
     """One unit per row group; a file whose metadata cannot be read is one unit (one reject), so a
     corrupt or truncated file never fails the plan of the whole run."""
     files, unread = _plan_files(spec, recipe)
+    return _parquet_units(files) + unread
+
+
+def _parquet_units(files: list[str]) -> list[dict[str, Any]]:
     units: list[dict[str, Any]] = []
     for f in files:
         try:
@@ -401,7 +432,7 @@ def _plan_parquet(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any
             continue
         for rg in range(meta.num_row_groups):
             units.append({"path": f, "row_group": rg})
-    return units + unread
+    return units
 
 
 def _plan_tars(spec: SourceSpec, recipe: Recipe | None) -> list[dict[str, Any]]:
@@ -437,8 +468,22 @@ def _read_unit(unit: dict[str, Any], recipe: Recipe) -> Iterator[Record]:
         "parquet": _read_parquet,
         "webdataset": _read_tar,
         "csv": _read_csv,
+        "conversations": _read_conversations,
     }
     yield from reader[unit["type"]](unit, spec, recipe)
+
+
+def _read_conversations(unit: dict[str, Any], spec: SourceSpec, recipe: Recipe) -> Iterator[Record]:
+    """A conversations unit is read as the jsonl or parquet one it is shaped like (``_record_sample``
+    hands its records to ``pipelines.conversations``), or as a JSON array."""
+    if unit.get("array"):
+        from pipelines.conversations import read_json_array
+
+        yield from read_json_array(unit, spec, recipe)
+    elif "row_group" in unit:
+        yield from _read_parquet(unit, spec, recipe)
+    else:
+        yield from _read_jsonl(unit, spec, recipe)
 
 
 def _quote(part: str) -> str:
@@ -568,6 +613,10 @@ def _record_sample(
     record: Any, spec: SourceSpec, recipe: Recipe, base: str, locator: str, policy: UriPolicy
 ) -> dict[str, Any]:
     """A JSONL line or Parquet row → Sample; raises ValueError with 'reason: detail'."""
+    if spec.type == "conversations":
+        from pipelines.conversations import conversation_sample
+
+        return conversation_sample(record, spec, recipe, base, locator, policy)
     if not isinstance(record, dict):
         raise ValueError(f"record is not an object: {type(record).__name__}")
     if record.get("segments") is None:
@@ -725,7 +774,7 @@ def _record_segment(seg: Any, recipe: Recipe, base: str, index: int, policy: Uri
     if modality == "text":
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"empty text: segment #{index}")
-        if len(value) > recipe.max_text_bytes and len(value.encode("utf-8")) > recipe.max_text_bytes:
+        if len(value) * 4 > recipe.max_text_bytes and len(value.encode("utf-8")) > recipe.max_text_bytes:
             raise ValueError(f"text too large: segment #{index}: over {recipe.max_text_bytes} bytes")
         return Segment("text", text=value, meta=meta)
     uri = seg.get("uri") or (value if _is_web(value) else None)  # a web URL is never fetched here

@@ -2,7 +2,8 @@
 
 Per shard: path, sha256, bytes, samples, samples per kind, per modality the segment count and
 payload bytes, and the model tokens per modality (from the ``tokens`` that the ``count_tokens``
-step writes into each segment's meta) with a breakdown by kind, source and language.
+step writes into each segment's meta) with a breakdown by kind, source and language; samples per
+(kind, category) where the sample meta names a ``category`` (the image SFT categories of Table 5).
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ class ShardStats:
     tokens: Counter = field(default_factory=Counter)
     # (kind, source, lang, modality) -> tokens, for sums along any of those
     token_breakdown: Counter = field(default_factory=Counter)
+    # (kind, category) -> samples, from the sample meta's ``category`` (the SFT categories of Table 5)
+    categories: Counter = field(default_factory=Counter)
 
     def add(self, row: Mapping[str, Any]) -> None:
         self.samples += 1
         self.kinds[row["kind"]] += 1
-        lang = row.get("lang") or loads_meta(row.get("meta")).get("lang") or "und"
+        meta = loads_meta(row.get("meta"))
+        lang = row.get("lang") or meta.get("lang") or "und"
+        if meta.get("category"):
+            self.categories[(row["kind"], str(meta["category"]))] += 1
         for seg in row["segments"]:
             m = seg["modality"]
             self.segments[m] += 1
@@ -54,8 +60,14 @@ class ShardStats:
         self.payload_bytes.update(other.payload_bytes)
         self.tokens.update(other.tokens)
         self.token_breakdown.update(other.token_breakdown)
+        self.categories.update(other.categories)
 
     def as_dict(self) -> dict[str, Any]:
+        categories = (
+            {"categories": [{"kind": k, "category": c, "samples": n} for (k, c), n in sorted(self.categories.items())]}
+            if self.categories
+            else {}
+        )
         return {
             "samples": self.samples,
             "kinds": dict(sorted(self.kinds.items())),
@@ -67,6 +79,7 @@ class ShardStats:
                 {"kind": k, "source": s, "lang": lang, "modality": m, "tokens": n}
                 for (k, s, lang, m), n in sorted(self.token_breakdown.items())
             ],
+            **categories,
         }
 
     @classmethod
@@ -81,6 +94,7 @@ class ShardStats:
             token_breakdown=Counter(
                 {(r["kind"], r["source"], r["lang"], r["modality"]): r["tokens"] for r in d.get("token_breakdown", [])}
             ),
+            categories=Counter({(r["kind"], r["category"]): r["samples"] for r in d.get("categories", [])}),
         )
 
 

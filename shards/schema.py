@@ -19,6 +19,9 @@ import pyarrow.compute  # noqa: F401 - pa.compute below
 
 MODALITIES = ("text", "image", "audio", "video")
 
+# Chat (SFT) conversations, by the media they hold; any spoken assistant turn makes one audio generation.
+SFT_KINDS = ("sft_text", "sft_image", "sft_video", "sft_audio", "sft_image_audio", "sft_audio_generation")
+
 # The paper's data types (docs/PAPER.md sections 2-3) plus raw kinds for media that enrichment has not
 # yet paired with text.
 KINDS = (
@@ -35,6 +38,8 @@ KINDS = (
     "image_audio_text",
     "video_caption",
     "video_audio_text",
+    # supervised fine-tuning conversations (docs/PAPER.md 7.1): segments carry meta role/turn
+    *SFT_KINDS,
 )
 
 SEGMENT_TYPE = pa.struct(

@@ -4,7 +4,8 @@
 Also runnable alone: ``python -m trainer.cli train conf/stages/1.1-image-projector.yaml --nproc 2``.
 A stage may be named by its id (``omni train 1.1``): the shipped stage configs (``conf/stages`` in a
 checkout, ``omnicorpus_conf/stages`` in an installed wheel). ``--smoke`` shrinks it to finish in under a
-minute on two CPU cores (trainer/smoke.py).
+minute on two CPU cores (trainer/smoke.py). ``omni train-all --mixtures DIR`` trains every stage on the
+mixture ``omni plan --mixtures DIR`` wrote for it.
 """
 
 from __future__ import annotations
@@ -59,11 +60,15 @@ def _smoke(paths: list, args: argparse.Namespace) -> list:
     from pipelines.overrides import OverrideError
     from trainer.smoke import SmokeError, prepare, smoke_dir
 
+    mixtures = getattr(args, "mixtures", None)
     try:
-        out = prepare(paths, args.overrides, smoke_dir(), say=lambda m: print(f"smoke: {m}", flush=True))
+        out = prepare(
+            paths, args.overrides, smoke_dir(), say=lambda m: print(f"smoke: {m}", flush=True), mixtures=mixtures
+        )
     except (StageError, SmokeError, OverrideError) as e:
         raise _user_error(str(e)) from e
     args.overrides = []
+    args.mixtures = None  # the planned mixtures are in the smoke YAMLs now
     if args.nproc is None and not args.hostfile:
         args.nproc = 1  # one rank starts and steps faster than two on a small machine
     return out
@@ -79,7 +84,15 @@ def _run(stages: list, args: argparse.Namespace) -> int:
                 resolve_entry(entry, stage.allow_uris, stage.verify_shards)
             except (ValueError, KeyError) as e:
                 raise _user_error(f"stage {stage.stage}: {e}") from e
-    code = launch(stages, args.overrides, args.nproc, args.hostfile, args.master_addr, args.master_port)
+    code = launch(
+        stages,
+        args.overrides,
+        args.nproc,
+        args.hostfile,
+        args.master_addr,
+        args.master_port,
+        getattr(args, "mixtures", None),
+    )
     if getattr(args, "smoke", False) and code == 0:
         what = ("stage " if len(stages) == 1 else "stages ") + ", ".join(s.stage for s in stages)
         took = time.monotonic() - args.started
@@ -101,11 +114,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _run([stage], args)
 
 
+def _planned(stages: list, mixtures: str) -> None:
+    """Say which mixture every stage trains on with ``--mixtures DIR``; a planned file that keeps no
+    entry stops the run before it starts."""
+    import re
+
+    from trainer.stages import load_yaml, planned_mixture_file
+
+    ids = {s.stage for s in stages}
+    for s in stages:
+        path = planned_mixture_file(mixtures, s.stage)
+        if not path.is_file():
+            print(f"mixtures: stage {s.stage}: no {path.name} in {mixtures}; the stage's own mixture", flush=True)
+            continue
+        try:
+            doc = load_yaml(path)
+        except StageError as e:
+            raise _user_error(str(e)) from e
+        dropped = [d for d in doc.get("dropped") or [] if isinstance(d, dict)]
+        if not doc.get("mixture"):
+            why = "; ".join(f"{d.get('name')}: {d.get('reason')}" for d in dropped) or "no entries"
+            raise _user_error(
+                f"stage {s.stage}: the planned mixture {path} keeps no entry ({why}); produce those shard sets "
+                f"and plan again, or leave the stage out (--from / --until)"
+            )
+        note = f" ({', '.join(str(d.get('name')) for d in dropped)} dropped by the plan)" if dropped else ""
+        print(f"mixtures: stage {s.stage}: {path}{note}", flush=True)
+    others = []
+    for f in sorted(os.listdir(mixtures)):
+        m = re.fullmatch(r"mixture-(.+)\.ya?ml", f)
+        if m and m.group(1) not in ids:
+            others.append(m.group(1))
+    if others:
+        print(f"mixtures: ignored (stages not in this run): {', '.join(others)}", flush=True)
+
+
 def _cmd_train_all(args: argparse.Namespace) -> int:
     from trainer.stages import discover_stages, load_stage, stage_key
 
     args.started = time.monotonic()
     _check(args)
+    if args.mixtures is not None and not os.path.isdir(args.mixtures):
+        raise _user_error(
+            f"--mixtures {args.mixtures}: no such folder (omni plan CORPUS --have RUN ... --mixtures DIR writes it)"
+        )
     try:
         stages = discover_stages(args.stages, args.overrides)
         if args.start:
@@ -116,12 +168,15 @@ def _cmd_train_all(args: argparse.Namespace) -> int:
         raise _user_error(str(e)) from e
     if not stages:
         raise _user_error(f"no stage from {args.start or 'the first'} to {args.until or 'the last'} in {args.stages}")
-    if args.smoke:
-        paths = _smoke([s.path for s in stages], args)
-        try:
-            stages = [load_stage(p) for p in paths]
-        except StageError as e:
-            raise _user_error(str(e)) from e
+    if args.mixtures:
+        _planned(stages, args.mixtures)
+    try:
+        if args.smoke:
+            stages = [load_stage(p) for p in _smoke([s.path for s in stages], args)]
+        elif args.mixtures:
+            stages = [load_stage(s.path, args.overrides, args.mixtures) for s in stages]
+    except StageError as e:
+        raise _user_error(str(e)) from e
     return _run(stages, args)
 
 
@@ -257,6 +312,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--stages", default=str(CONF_DIR / "stages"), help="directory of stage YAMLs")
     a.add_argument("--from", dest="start", help="start at this stage id (e.g. 1.1: the audio stages ran elsewhere)")
     a.add_argument("--until", help="stop after this stage id (e.g. 2.2; 0.3: only the audio stages)")
+    a.add_argument(
+        "--mixtures",
+        metavar="DIR",
+        help="the mixtures omni plan --mixtures DIR wrote: each stage trains on DIR/mixture-<stage>.yaml "
+        "(its own mixture where the folder has none)",
+    )
     _launch_args(a)
     a.set_defaults(fn=_cmd_train_all)
 

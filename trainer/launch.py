@@ -183,9 +183,12 @@ def command(
     hostfile: str | None = None,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
+    mixtures: str | None = None,
 ) -> list[str]:
     port = str(master_port or free_port())
     rank_args = ["--tokenizer", tokenizer]
+    if mixtures:
+        rank_args += ["--mixtures", str(Path(mixtures).resolve())]
     for p in stage_paths:
         rank_args += ["--stage", str(Path(p).resolve())]
     for o in overrides:
@@ -229,8 +232,10 @@ def launch(
     hostfile: str | None = None,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
+    mixtures: str | None = None,
 ) -> int:
-    """Run the stages in order in one set of ranks; returns the launcher's exit status."""
+    """Run the stages in order in one set of ranks; returns the launcher's exit status. ``mixtures``: a
+    folder of ``omni plan --mixtures`` whose ``mixture-<stage>.yaml`` the ranks use (as the stages given)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -239,7 +244,7 @@ def launch(
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     clear_stale_build_locks()
     tok = tokenizer_dir(stages)
-    cmd = command([str(s.path) for s in stages], overrides, tok, n, hostfile, master_addr, master_port)
+    cmd = command([str(s.path) for s in stages], overrides, tok, n, hostfile, master_addr, master_port, mixtures)
     proc = subprocess.Popen(cmd, env=rank_env(cuda, n), cwd=os.getcwd())
     try:
         return proc.wait()

@@ -4,7 +4,8 @@ The pipeline's demo run gives text, image_caption, interleaved_image_text, asr a
 The speech-generation and cross-modal kinds (tts, speech_text_interleaved, image_audio_text,
 video_audio_text) are written here with ``ShardWriter`` from real media: Asterisk's recorded prompts
 with their transcripts, espeak-ng speech, scikit-image photographs and an ffmpeg slideshow narrated
-by a prompt (its audio track is what video_audio_text trains on, as in the paper).
+by a prompt (its audio track is what video_audio_text trains on, as in the paper). So are one SFT
+conversation of each ``sft_*`` kind (stages 4.1 and 4.2), segments tagged with ``role``/``turn``.
 """
 
 from __future__ import annotations
@@ -73,12 +74,77 @@ def extra_kind_samples(workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+SFT_VOICE = "espeak:en"
+
+
+def sft_kind_samples(workdir: Path) -> list[dict[str, Any]]:
+    """One small conversation of each SFT kind from real media (the role/turn layout of the
+    conversations source); the spoken answer names its voice in the system prompt."""
+    (q_wav, q_text), _ = asterisk_prompts(limit=2)
+    image = photo_bytes("coffee", size=(96, 80))
+    frames = []
+    for name in ("rocket", "moon"):
+        path = workdir / f"sft-{name}.jpg"
+        path.write_bytes(photo_bytes(name))
+        frames.append(path)
+    video = slideshow(frames, None, workdir / "sft-show.mp4").read_bytes()
+    heard = espeak("What is in this picture?", "en", workdir / "sft-question.wav").read_bytes()
+    answer = "Every sample ends in a shard or in the rejects ledger."
+    spoken = espeak(answer, "en", workdir / "sft-answer.wav").read_bytes()
+
+    def say(
+        role: str, turn: int, modality: str = "text", text: str | None = None, data: bytes | None = None, **meta: Any
+    ) -> Segment:
+        return Segment(modality, text=text, bytes=data, meta={"role": role, "turn": turn, **meta})
+
+    conversations = {
+        "sft_text": [
+            say("system", 0, text="You are a helpful assistant."),
+            say("user", 1, text="Where does every sample end?"),
+            say("assistant", 2, text=answer),
+        ],
+        "sft_image": [
+            say("user", 0, "image", data=image),
+            say("user", 0, text="What is in the picture?"),
+            say("assistant", 1, text=PHOTOS["coffee"]),
+        ],
+        "sft_video": [
+            say("user", 0, "video", data=video),
+            say("user", 0, text="What does the video show?"),
+            say("assistant", 1, text="A rocket on its launch pad, then the cratered surface of the moon."),
+        ],
+        "sft_audio": [
+            say("user", 0, "audio", data=q_wav.read_bytes()),
+            say("assistant", 1, text=f"You said: {q_text}"),
+        ],
+        "sft_image_audio": [
+            say("user", 0, "image", data=image),
+            say("user", 0, "audio", data=heard),
+            say("assistant", 1, text=PHOTOS["coffee"]),
+        ],
+        "sft_audio_generation": [
+            say("system", 0, text=f"Please answer in the voice {SFT_VOICE}."),
+            say("user", 1, text="Where does every sample end?"),
+            say("assistant", 2, text=answer),
+            say("assistant", 2, "audio", data=spoken, tts={"text": answer, "voice": SFT_VOICE}),
+        ],
+    }
+    rows = []
+    for kind, segs in conversations.items():
+        meta: dict[str, Any] = {"format": "openai", "turns": len({s.meta["turn"] for s in segs})}
+        meta["category"] = "captioning" if kind == "sft_image" else None
+        if kind == "sft_audio_generation":
+            meta["voice"] = SFT_VOICE
+        rows.append(make_sample(SOURCE, kind, segs, locator=f"sft/{kind}", meta=meta))
+    return rows
+
+
 def write_extra_kinds(out_dir: str | Path, max_samples: int = 3) -> str:
-    """Write the generation and cross-modal kinds as a shard set; returns its manifest path."""
+    """Write the generation, cross-modal and SFT kinds as a shard set; returns its manifest path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="omni-trainer-media-") as tmp:
-        rows = extra_kind_samples(Path(tmp))
+        rows = extra_kind_samples(Path(tmp)) + sft_kind_samples(Path(tmp))
     written = ShardWriter(str(out), "extra", max_samples=max_samples).write_all(rows)
     return write_shardset_manifest(str(out), written, {"source": SOURCE})
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from trainer.stages import apply_override, expand_vars, load_yaml, resolve_conf, stage_from_dict
+from trainer.stages import apply_mixture_file, apply_override, expand_vars, load_yaml, resolve_conf, stage_from_dict
 
 SMOKE_FIELDS: dict[str, Any] = {
     "model": "tiny",
@@ -80,9 +80,12 @@ def _entry_ok(entry: dict[str, Any], allow_uris: list[str], verify: str) -> str 
     return None
 
 
-def smoke_doc(path: Path, overrides: list[str] | tuple[str, ...], output: Path) -> dict[str, Any]:
-    """The stage YAML at ``path`` with the smoke settings, then ``overrides``; model and DeepSpeed
-    configs resolved to absolute paths (the rewritten YAML lives elsewhere)."""
+def smoke_doc(
+    path: Path, overrides: list[str] | tuple[str, ...], output: Path, mixtures: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The stage YAML at ``path`` with the smoke settings, then ``overrides``, then its planned mixture
+    (``mixture_file``, or ``mixtures/mixture-<stage>.yaml``); model and DeepSpeed configs resolved to
+    absolute paths (the rewritten YAML lives elsewhere)."""
     doc = load_yaml(path)
     doc.update(copy.deepcopy(SMOKE_FIELDS), output=str(output))
     if doc.get("task", "llm") != "llm":
@@ -96,11 +99,7 @@ def smoke_doc(path: Path, overrides: list[str] | tuple[str, ...], output: Path) 
     for o in overrides:
         apply_override(doc, o)
     doc = expand_vars(doc)
-    mixture_file = doc.pop("mixture_file", None)
-    if mixture_file:  # as load_stage: a mixture written by `omni plan --mixtures` replaces the stage's
-        if not Path(str(mixture_file)).is_file():
-            raise FileNotFoundError(f"no mixture file {mixture_file}")
-        doc["mixture"] = load_yaml(str(mixture_file))["mixture"]
+    apply_mixture_file(doc, mixtures)  # as load_stage: a mixture written by `omni plan --mixtures`
     base = path.resolve().parent
     doc["model"] = str(resolve_conf(str(doc["model"]), "models", base, (".yaml", ".yml")))
     doc["deepspeed"] = str(
@@ -110,16 +109,22 @@ def smoke_doc(path: Path, overrides: list[str] | tuple[str, ...], output: Path) 
 
 
 def prepare(
-    paths: list[Path], overrides: list[str] | tuple[str, ...] = (), root: Path | None = None, say=print
+    paths: list[Path],
+    overrides: list[str] | tuple[str, ...] = (),
+    root: Path | None = None,
+    say=print,
+    mixtures: str | os.PathLike | None = None,
 ) -> list[Path]:
-    """Write the smoke versions of the stage YAMLs at ``paths`` (run in this order); returns their paths."""
+    """Write the smoke versions of the stage YAMLs at ``paths`` (run in this order); returns their paths.
+
+    ``mixtures``: a folder of ``omni plan --mixtures``; a stage with a file there trains on that mixture."""
     root = (Path(root) if root is not None else smoke_dir()).resolve()
     out_paths: list[Path] = []
     earlier: set[str] = set()
     sample: tuple[list[str], set[str]] | None = None
     (root / "stages").mkdir(parents=True, exist_ok=True)
     for path in paths:
-        doc = smoke_doc(Path(path), overrides, root / "run")
+        doc = smoke_doc(Path(path), overrides, root / "run", mixtures)
         target = root / "stages" / Path(path).name
         stage = stage_from_dict(doc, target.resolve())  # checks the result before anything is written
         sid = stage.stage

@@ -214,16 +214,41 @@ def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
     return StageConfig(path=path, raw=doc, **kwargs)
 
 
-def load_stage(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
+def planned_mixture_file(mixtures: str | os.PathLike, stage_id: Any) -> Path:
+    """Where ``omni plan --mixtures DIR`` wrote a stage's mixture: ``DIR/mixture-<stage>.yaml``."""
+    return Path(mixtures) / f"mixture-{stage_id}.yaml"
+
+
+def apply_mixture_file(doc: dict[str, Any], mixtures: str | os.PathLike | None = None) -> Path | None:
+    """Replace ``doc``'s mixture by its ``mixture_file`` (a file of ``omni plan --mixtures``), else by
+    ``DIR/mixture-<stage>.yaml`` of the ``mixtures`` folder when there is one; returns the file used."""
+    mixture_file = doc.pop("mixture_file", None)
+    if mixture_file:
+        path = Path(expand_vars(str(mixture_file)))
+        if not path.is_file():
+            raise FileNotFoundError(f"no mixture file {path}")
+    elif mixtures is not None and planned_mixture_file(mixtures, doc.get("stage")).is_file():
+        path = planned_mixture_file(mixtures, doc.get("stage"))
+    else:
+        return None
+    planned = load_yaml(path)
+    if not isinstance(planned.get("mixture"), list):
+        raise StageError(f"{path}: expected a 'mixture' list (a file of omni plan --mixtures)")
+    doc["mixture"] = planned["mixture"]
+    return path
+
+
+def load_stage(
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    mixtures: str | os.PathLike | None = None,
+) -> StageConfig:
+    """A stage YAML with ``overrides``; its mixture replaced by ``mixture_file`` or, given ``mixtures``
+    (a folder of ``omni plan --mixtures``), by the folder's ``mixture-<stage>.yaml`` when present."""
     doc = load_yaml(path)
     for o in overrides:
         apply_override(doc, o)
-    mixture_file = doc.pop("mixture_file", None)
-    if mixture_file:  # a mixture written by `omni plan --mixtures`, replacing the config's own
-        mixture_path = Path(expand_vars(str(mixture_file)))
-        if not mixture_path.is_file():
-            raise FileNotFoundError(f"no mixture file {mixture_path}")
-        doc["mixture"] = load_yaml(mixture_path)["mixture"]
+    apply_mixture_file(doc, mixtures)
     return stage_from_dict(doc, Path(path).resolve())
 
 

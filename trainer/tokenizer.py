@@ -66,6 +66,10 @@ class SpecialIds:
     audiogen_end: int
     video_start: int
     video_end: int
+    audiotext_start: int  # before <C_A> when the assistant's answer is spoken (the released chat template)
+    b_sys: int
+    c_q: int
+    c_a: int
 
 
 def special_ids(tokenizer) -> SpecialIds:
@@ -82,6 +86,10 @@ def special_ids(tokenizer) -> SpecialIds:
         audiogen_end=ids[AUDIOGEN_END],
         video_start=ids[VIDEO_START],
         video_end=ids[VIDEO_END],
+        audiotext_start=ids[AUDIOTEXT_START],
+        b_sys=ids[CHAT[0]],
+        c_q=ids[CHAT[1]],
+        c_a=ids[CHAT[2]],
     )
 
 

@@ -410,7 +410,7 @@ def no_cpu_op_builds() -> None:
         log.warning("cannot skip DeepSpeed's %s build on this version; it may JIT-compile", builder.NAME)
 
 
-def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str) -> None:
+def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str, mixtures: str | None = None) -> None:
     import deepspeed
 
     from trainer.stages import load_stage
@@ -419,7 +419,7 @@ def run_stages(stage_paths: list[str], overrides: list[str], tokenizer_path: str
     no_cpu_op_builds()
     deepspeed.init_distributed(dist_backend=backend)
     for path in stage_paths:
-        stage = load_stage(path, overrides)
+        stage = load_stage(path, overrides, mixtures)
         if (stage.out_dir / "final" / "done.json").is_file():
             _rank_print(f"stage {stage.stage}: already finished ({stage.out_dir / 'final'}), skipped")
             continue
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", action="append", required=True, help="stage YAML (repeat to chain stages)")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--tokenizer", required=True, help="local tokenizer directory")
+    p.add_argument("--mixtures", help="folder of omni plan --mixtures: DIR/mixture-<stage>.yaml replaces a mixture")
     args = p.parse_args(argv)
     die_with_launcher()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     bound_build_waits()
     code = 0
     try:
-        run_stages(args.stage, args.overrides, args.tokenizer)
+        run_stages(args.stage, args.overrides, args.tokenizer, args.mixtures)
     except BuildLockTimeout as e:
         print(f"omni: error: {e}", file=sys.stderr, flush=True)
         code = 1
