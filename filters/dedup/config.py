@@ -15,7 +15,7 @@ from typing import Any
 
 from filters.dedup.minhash import LshParams
 
-TEXT_KINDS = ("text", "interleaved_image_text", "speech_text_interleaved", "ocr")
+TEXT_KINDS = ("text", "interleaved_image_text", "speech_text_interleaved", "ocr", "sft_text")
 
 
 @dataclass
