@@ -8,7 +8,14 @@ from pathlib import Path
 import yaml
 
 from pipelines.audit import audit
-from pipelines.demo_data import MULTILINGUAL, PHOTOS, SPOKEN, build_demo_sources, build_synth_sources
+from pipelines.demo_data import (
+    MULTILINGUAL,
+    PHOTOS,
+    SPOKEN,
+    build_demo_sources,
+    build_sft_sources,
+    build_synth_sources,
+)
 from pipelines.executor import run_recipe
 from pipelines.inspect_shards import inspect_target
 from pipelines.recipe import load_recipe
@@ -52,17 +59,44 @@ def synth_steps(coca_config: str, coca_checkpoint: str) -> list[dict]:
         {"op": "build_speech_text_interleaved", "params": {**stories, "share": 0.5, "keep_images": False}},
         {"op": "build_tts", "params": stories},
         {"op": "build_interleaved_image_text"},
+        *sft_steps(),
         {"op": "tts", "params": {"voices": ["piper:joe"], "fallback": "espeak:en-us"}},
         {"op": "tts_backcheck", "params": {"max_wer": 0.1}},
     ]
 
 
+def sft_steps() -> list[dict]:
+    """The SFT builders (synth/sft.py) on the demo's chat records and ASR pairs (``build_sft_sources``):
+    the system prompt's voice speaks the answers, the other English OpenAI chats get spoken questions,
+    the speech pairs become S2TT (the one with a translation) and AQA."""
+    return [
+        {"op": "build_voice_control", "params": {"sources": ["sft_openai"], "languages": ["en"]}},
+        {
+            "op": "build_spoken_questions",
+            "params": {"sources": ["sft_openai"], "languages": ["en"], "voices": ["piper:joe"]},
+        },
+        {"op": "build_s2tt", "params": {"sources": ["sft_speech"]}},
+        {"op": "build_aqa", "params": {"sources": ["sft_speech"]}},
+    ]
+
+
+def sft_sources(sources: dict[str, str]) -> list[dict]:
+    return [
+        {"name": "sft_sharegpt", "type": "conversations", "path": sources["sft_sharegpt"], "format": "sharegpt"},
+        {"name": "sft_llava", "type": "conversations", "path": sources["sft_llava"], "format": "llava"},
+        {"name": "sft_openai", "type": "conversations", "path": sources["sft_openai"], "format": "openai"},
+        {"name": "sft_speech", "type": "jsonl", "path": sources["sft_speech"]},
+    ]
+
+
 def synth_demo_recipe(sources: dict[str, str], output: str, executor: str) -> dict:
-    """The demo recipe plus the synth/ sources and steps, so the run produces every data type."""
+    """The demo recipe plus the synth/ sources and steps and the SFT chats, so the run produces every
+    data type and every SFT kind."""
     recipe = demo_recipe(sources, output, executor)
     recipe["sources"] += [
         {"name": "stories", "type": "jsonl", "path": sources["stories"]},
         {"name": "narrated", "type": "local", "path": sources["narrated"]},
+        *sft_sources(sources),
     ]
     recipe["pipeline"] += synth_steps(sources["coca_config"], sources["coca_checkpoint"])
     recipe["pipeline"] += [
@@ -91,6 +125,7 @@ def run_demo(out: str, executor: str = "ray") -> int:
     t0 = time.perf_counter()
     root = Path(out).resolve()
     sources = {**build_demo_sources(root / "sources"), **build_synth_sources(root / "sources" / "synth")}
+    sources.update(build_sft_sources(root / "sources"))  # beside the demo sources: it uses their media
     sources["tokenizer"] = demo_tokenizer(root / "models" / "tokenizer", sources)
     recipe_path = root / "demo.yaml"
     run_dir = root / "run"
@@ -105,6 +140,8 @@ def run_demo(out: str, executor: str = "ray") -> int:
     print(report.summary())
     stats = stats_report(collect([str(run_dir)]))
     print(f"tokens: {stats['tokens']:,}  by modality {stats['tokens_by_modality']}  by kind {stats['tokens_by_kind']}")
+    sft = {k: v for k, v in sorted(stats["tokens_by_kind"].items()) if k.startswith("sft_")}
+    print(f"SFT kinds (tokens): {sft}")
     print(f"report: {write_report(str(run_dir))}")
     print(f"shards: {run_dir / 'shards'}  (manifest: {run_dir / 'shards' / 'manifest.json'})")
     print(f"rejects ledger: {run_dir / 'rejects'}  ({manifest['rejected']} rejected)")

@@ -280,3 +280,122 @@ def build_synth_sources(root: str | os.PathLike) -> dict[str, str]:
         "coca_config": config,
         "coca_checkpoint": checkpoint,
     }
+
+
+# ---------------------------------------------------------------- SFT conversations (synth/sft.py builders)
+
+SFT_VIDEO_ANSWER = "A slideshow: an astronaut in a flight suit, then a cup of coffee, then a ginger cat."
+
+
+def build_sft_sources(root: str | os.PathLike) -> dict[str, str]:
+    """Chat records in the three layouts the ``conversations`` source reads, written into the demo
+    sources' folder ``root`` (after ``build_demo_sources``: they use its photos, prompts and slideshow),
+    and two ASR records for AQA and S2TT (one with a Chinese translation). A few of each SFT kind come
+    out of the demo: text (English, Chinese), image, video, user audio, and, through the builders, spoken
+    questions (audio, image-audio), voice-controlled spoken answers and AQA/S2TT pairs."""
+    root = Path(root)
+    prompts = {wav.stem: text for wav, text in asterisk_prompts(limit=6)}
+    sharegpt = [
+        {
+            "id": "chat-tea",
+            "lang": "en",
+            "category": "general_qa",
+            "conversations": [
+                {"from": "human", "value": "How do I make a cup of tea?"},
+                {"from": "gpt", "value": "Pour boiling water over a tea bag and let it steep for three minutes."},
+                {"from": "human", "value": "Milk first or after?"},
+                {"from": "gpt", "value": "After, so you can judge the strength."},
+            ],
+        },
+        {
+            "id": "chat-zh",
+            "lang": "zh",
+            "conversations": [
+                {"from": "human", "value": "请用一句话介绍长城。"},
+                {"from": "gpt", "value": "长城是中国古代修建的防御工程，全长两万多公里。"},
+            ],
+        },
+        {
+            "id": "chat-video",
+            "lang": "en",
+            "category": "spatiotemporal",
+            "video": "media/slideshow.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat does this video show, in order?"},
+                {"from": "gpt", "value": SFT_VIDEO_ANSWER},
+            ],
+        },
+        {
+            "id": "chat-audio",
+            "lang": "en",
+            "audio": "media/prompt-agent-newlocation.wav",
+            "conversations": [
+                {"from": "human", "value": "<audio>\nWhat is the caller asked to do?"},
+                {"from": "gpt", "value": "To enter a new extension, followed by the pound key."},
+            ],
+        },
+    ]
+    llava = [
+        {
+            "id": "llava-coffee",
+            "image": "media/coffee.jpg",
+            "category": "captioning",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the picture."},
+                {"from": "gpt", "value": PHOTOS["coffee"]},
+            ],
+        }
+    ]
+    openai = [
+        {
+            "id": "oa-voice",
+            "lang": "en",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant. voice: piper:joe"},
+                {"role": "user", "content": "Give me one tip for sleeping better."},
+                {"role": "assistant", "content": "Keep your bedroom cool, dark and quiet."},
+            ],
+        },
+        {
+            "id": "oa-image",
+            "lang": "en",
+            "category": "general_qa",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "media/chelsea.jpg"}},
+                        {"type": "text", "text": "What animal is in this picture?"},
+                    ],
+                },
+                {"role": "assistant", "content": "A ginger tabby cat."},
+            ],
+        },
+        {
+            "id": "oa-capital",
+            "lang": "en",
+            "messages": [
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."},
+            ],
+        },
+    ]
+    speech = [
+        {
+            "audio": "media/prompt-agent-pass.wav",
+            "text": prompts["agent-pass"],
+            "lang": "en",
+            "translation": {"zh": "请输入您的密码，然后按井号键。"},
+        },
+        {"audio": "media/prompt-all-circuits-busy-now.wav", "text": prompts["all-circuits-busy-now"], "lang": "en"},
+    ]
+    paths = {
+        "sft_sharegpt": root / "sft-sharegpt.jsonl",
+        "sft_llava": root / "sft-llava.json",
+        "sft_openai": root / "sft-openai.jsonl",
+        "sft_speech": root / "sft-speech.jsonl",
+    }
+    for name, records in (("sft_sharegpt", sharegpt), ("sft_openai", openai), ("sft_speech", speech)):
+        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    paths["sft_llava"].write_text(json.dumps(llava, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return {k: str(v) for k, v in paths.items()}

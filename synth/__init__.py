@@ -2,4 +2,4 @@
 media helpers they share. Importing the package registers its operators; models load only in
 ``setup()``, so importing stays cheap."""
 
-from synth import download, interleave, ops_media, ops_models  # noqa: F401
+from synth import download, interleave, ops_media, ops_models, sft  # noqa: F401

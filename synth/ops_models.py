@@ -405,7 +405,9 @@ class TTS(Operator):
     """Speaks every text segment a builder marked ``speak``: it becomes an audio segment (WAV) with
     ``meta.tts = {voice, text}``, in the same place.
 
-    The voice of a clip is a hash of the sample id and segment index.
+    The voice of a clip is a hash of the sample id and segment index, unless the segment names its
+    own (``meta.voice``, e.g. the voice a system prompt asks for): then that voice speaks it, with no
+    fallback (a clip it cannot speak rejects the sample), and ``meta.tts.voice`` is that voice.
 
     Params:
         voices: ``piper:...`` / ``espeak:...`` voices to choose from (default the packaged piper voice).
@@ -455,12 +457,13 @@ class TTS(Operator):
                 meta = seg_meta(seg)
                 if seg["modality"] != "text" or not meta.get("speak"):
                     continue
+                named = meta.get("voice")  # a builder's choice (a voice-control prompt's): that voice only
                 try:
-                    speech = self.speaker.speak(seg["text"], key=f"{ids[r]}/{i}")
+                    speech = self.speaker.speak(seg["text"], key=f"{ids[r]}/{i}", voice=named)
                 except TTSError as e:
                     reasons[r], details[r] = "tts failed", f"segment {i}: {e}"[:500]
                     break
-                rest = {k: v for k, v in meta.items() if k != "speak"}
+                rest = {k: v for k, v in meta.items() if k not in ("speak", "voice")}
                 info = {"voice": speech.voice, "text": seg["text"]}
                 audio_meta = {**rest, "tts": info, "ext": "wav", "sample_rate": speech.sample_rate}
                 audio_meta["duration"] = round(speech.duration, 3)

@@ -8,8 +8,9 @@ Segment metadata keys the synth operators write (all JSON, in ``segment.meta``):
   a long video), from ``probe``; ``t``/``clip`` on keyframes.
 - ``asr``: ``{text, language, language_probability, segments: [{start, end, text}], model}``.
 - ``caption`` (+ ``caption_model``) on images and keyframes.
-- ``speak: true`` on a text segment a builder wants spoken; ``tts``: ``{voice, text}`` on the audio
-  segment that replaced it, plus ``backcheck``: ``{text, wer}`` once transcribed back.
+- ``speak: true`` on a text segment a builder wants spoken (``voice``: the voice it must be spoken in);
+  ``tts``: ``{voice, text}`` on the audio segment that replaced it, plus ``backcheck``: ``{text, wer}``
+  once transcribed back.
 
 Sample metadata: ``built_by`` names the builder that shaped the sample (later builders skip it).
 """

@@ -180,7 +180,15 @@ class Speaker:
             except TTSError:
                 pass
 
-    def speak(self, text: str, key: str) -> Speech:
+    def speak(self, text: str, key: str, voice: str | None = None) -> Speech:
+        """``text`` in the voice ``key`` picks; a ``voice`` given is that voice or an error (never the
+        fallback: a clip whose voice was asked for, e.g. by a system prompt, must be in that voice)."""
+        if voice is not None:
+            try:
+                parse_voice(voice)
+            except ValueError as e:
+                raise TTSError(str(e)) from e
+            return self._speak(voice, text)
         voice = pick(self.voices, key)
         try:
             return self._speak(voice, text)

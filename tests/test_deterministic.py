@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipelines.demo_data import (
     NARRATION,
     PHOTOS,
     build_demo_sources,
+    build_sft_sources,
     build_synth_sources,
     photo_bytes,
     piper_speech,
@@ -182,6 +184,8 @@ def synth_demo_sources(demo_sources: dict[str, str], tmp_path_factory: pytest.Te
     """``omni demo``'s sources: the demo sources, the synth/ ones and the tiny tokenizer."""
     root = tmp_path_factory.mktemp("synth_demo")
     sources = {**demo_sources, **build_synth_sources(root / "synth")}
+    shutil.copytree(demo_sources["media"], root / "sft" / "media")  # the chats use the demo's media
+    sources.update(build_sft_sources(root / "sft"))
     sources["tokenizer"] = demo_tokenizer(root / "tokenizer", sources)
     return sources
 

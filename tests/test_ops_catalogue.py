@@ -72,7 +72,7 @@ def test_one_operator_in_detail_and_unknown_names(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err == "omni: error: unknown operator 'kep'; did you mean 'keep'?\n"
     assert main(["ops", "zzzzzz"]) == 2
-    assert "unknown operator 'zzzzzz'; known: build_asr, " in capsys.readouterr().err
+    assert "unknown operator 'zzzzzz'; known: build_aqa, build_asr, " in capsys.readouterr().err
     assert main(["ops", "dedup"]) == 0  # a command: said so, not an error
     assert capsys.readouterr().out.startswith("dedup is a command, not an operator: `omni dedup")
     with pytest.raises(UnknownOperator):

@@ -213,7 +213,9 @@ def test_shipped_recipes_pass_the_schema_and_the_step_check() -> None:
     assert len(paths) >= 3
     for path in paths:
         check_steps(load_recipe(str(path)))
-    fake = {k: f"/data/{k}" for k in ("media", "docs", "pairs", "wds", "stories", "narrated", "tokenizer")}
+    names = ("media", "docs", "pairs", "wds", "stories", "narrated", "tokenizer")
+    names += ("sft_sharegpt", "sft_llava", "sft_openai", "sft_speech")
+    fake = {k: f"/data/{k}" for k in names}
     fake.update(coca_config="/data/coca.json", coca_checkpoint="/data/coca.pt")
     check_steps(recipe_from_dict(synth_demo_recipe(fake, "/out", "local")))  # what `omni demo` runs
 
