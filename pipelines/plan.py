@@ -260,14 +260,54 @@ def held_manifests(targets: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def held_categories(targets: list[str]) -> dict[str, set[str]]:
+    """Data type -> the SFT categories the shard sets of ``targets`` count for it."""
+    out: dict[str, set[str]] = {}
+    for t in targets:
+        for m in find_shardset_manifests(t):
+            for row in read_shardset_manifest(m)["totals"].get("categories", []):
+                if row.get("samples"):
+                    out.setdefault(str(row["kind"]), set()).add(str(row["category"]))
+    return out
+
+
+def by_category(
+    entry: dict[str, Any], shares: dict[str, dict[str, float]], held: dict[str, set[str]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An entry of one SFT data type with Table 5 shares, split into one entry per category the shard
+    sets hold (weight x share; the trainer keeps only that category's samples), and the categories
+    dropped. Unsplit when the manifests count no category of it (then only the kind is known)."""
+    kinds = entry["kinds"]
+    if len(kinds) != 1 or kinds[0] not in shares or not held.get(kinds[0]):
+        return [entry], []
+    kept, dropped = [], []
+    for category, share in shares[kinds[0]].items():
+        part = {**entry, "name": f"{entry['name']}/{category}", "categories": [category]}
+        part["weight"] = entry["weight"] * share
+        if category in held[kinds[0]]:
+            kept.append(part)
+        else:
+            dropped.append({**part, "reason": f"no shard set of the --have runs holds {kinds[0]} of {category}"})
+    return kept, dropped
+
+
 def plan_mixtures(corpus: dict[str, Any], targets: list[str]) -> list[MixturePlan]:
     """Every training stage's mixture against the shard sets of ``targets``: an entry keeps the manifests
-    that hold its data types; one that no manifest holds is dropped; kept weights add up to 1."""
+    that hold its data types; one that no manifest holds is dropped; an SFT entry with Table 5 shares is
+    split by category where the manifests count categories; kept weights add up to 1."""
     held = held_manifests(targets)
+    shares, categories = sft_categories(corpus), held_categories(targets)
     plans = []
     for stage, spec in corpus.get("training_stages", {}).items():
         kept, dropped = [], []
+        entries = []
         for entry in stage_entries(str(stage), spec):
+            parts, gone = by_category(entry, shares, categories)
+            entries += parts
+            for d in gone:
+                planned = {k: v for k, v in d.items() if k not in ("weight", "reason")}
+                dropped.append({**planned, "planned_weight": d["weight"], "reason": d["reason"]})
+        for entry in entries:
             manifests = [m for k in entry["kinds"] for m in held.get(k, [])]
             if not manifests:
                 missing = ", ".join(entry["kinds"])

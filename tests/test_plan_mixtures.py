@@ -33,7 +33,8 @@ TABLE5 = {
 
 @pytest.fixture(scope="module")
 def sample_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Two shard sets the pipeline wrote: no OCR and no SFT kinds among them."""
+    """Two shard sets: the pipeline's and the trainer's extra kinds (one conversation of each SFT kind;
+    no OCR)."""
     return build_sample_corpus(tmp_path_factory.mktemp("plan-mixtures") / "corpus")
 
 
@@ -114,7 +115,8 @@ def test_plan_drops_entries_no_shard_set_holds(planned: dict, capsys: pytest.Cap
         doc = yaml.safe_load((out_dir / f"mixture-{stage}.yaml").read_text())
         entries = spec if isinstance(spec, list) else [{"name": k, "kinds": [k]} for k in spec]
         missing = [e["name"] for e in entries if not set(e["kinds"]) & planned["held"]]
-        assert [d["name"] for d in doc.get("dropped", [])] == missing, stage
+        by_kind = [d["name"] for d in doc.get("dropped", []) if not d.get("categories")]  # categories: below
+        assert by_kind == missing, stage
         assert len(doc["mixture"]) == len(entries) - len(missing)
     # the warnings, printed by plan
     assert main(["plan", str(CORPUS), "--have", *planned["have"], "--mixtures", str(out_dir)]) == 0
@@ -246,3 +248,17 @@ def test_plan_mixtures_keep_the_order_and_formats_of_list_entries(sample_corpus:
     assert m.entries[1]["manifests"] == [sample_corpus[0]] and m.dropped == []
     with pytest.raises(PlanError, match="an entry needs kinds"):
         plan_mixtures({"training_stages": {"9": [{"name": "x"}]}}, sample_corpus)
+
+
+def test_sft_entries_split_by_the_categories_the_shard_sets_hold(planned: dict, sample_corpus: list[str]) -> None:
+    """Table 5 reaches the mixture weights: 4.1's sft_image entry becomes one entry per category held
+    (weight x share), the others are dropped with a reason, and the loader keeps only that category."""
+    from trainer.data import EntryStream, resolve_entry, sample_category
+
+    doc = yaml.safe_load((planned["dir"] / "mixture-4.1.yaml").read_text())
+    image = [e for e in doc["mixture"] if e["kinds"] == ["sft_image"]]
+    assert [e["categories"] for e in image] == [["captioning"]] and image[0]["name"].endswith("/captioning")
+    dropped = {d["name"].split("/")[-1] for d in doc.get("dropped", []) if d["kinds"] == ["sft_image"]}
+    assert {"ocr", "mathematics", "medical"} <= dropped
+    stream = EntryStream(resolve_entry(image[0]), seed=0, index=0, stream=0, streams=1)
+    assert {sample_category(stream.next_sample()) for _ in range(3)} == {"captioning"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -127,6 +128,7 @@ class MixtureEntry:
     expected: list[dict[str, Any]] | None = None
     allow_uris: list[str] = field(default_factory=list)
     verify: str = "sha256"
+    categories: list[str] | None = None  # only samples whose meta ``category`` is one of these (Table 5)
 
 
 def manifest_shards(manifest: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
@@ -175,6 +177,7 @@ def resolve_entry(
                 samples += n
     if not urls:
         raise ValueError(f"mixture entry {spec.get('name')!r}: no shard in {manifests} holds kinds {kinds}")
+    categories = [str(c) for c in spec["categories"]] if spec.get("categories") else None
     return MixtureEntry(
         spec.get("name", manifests[0]),
         urls,
@@ -185,6 +188,7 @@ def resolve_entry(
         expected,
         sorted(set(allowed)),
         verify,
+        categories,
     )
 
 
@@ -202,6 +206,18 @@ def _tar_samples(
             if i < skip:
                 continue
             yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def sample_category(row: dict[str, Any]) -> str | None:
+    """The sample meta's ``category`` (an SFT category of Table 5), or None."""
+    meta = row.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    category = meta.get("category") if isinstance(meta, dict) else None
+    return str(category) if category is not None else None
 
 
 class EntryStream:
@@ -259,6 +275,8 @@ class EntryStream:
             except DecodeError as e:
                 raise SkipSample(f"undecodable sample: {e.reason}") from e
             if self.entry.kinds and row["kind"] not in self.entry.kinds:
+                continue
+            if self.entry.categories and sample_category(row) not in self.entry.categories:
                 continue
             self._empty_slots = 0
             return row
