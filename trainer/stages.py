@@ -129,6 +129,9 @@ class StageConfig:
     task: str = "llm"  # llm | audio_tokenizer | flow_decoder | vocoder: what this stage trains
     task_args: dict[str, Any] = field(default_factory=dict)  # the audio task's hyperparameters
     audio_tokenizer_from: str | None = None  # a stage id (its export) or a .pt: the trained audio tokenizer
+    activation_checkpointing: bool = False  # recompute each transformer layer's activations in backward
+    sequence_parallel: int = 1  # Ulysses degree: ranks that share one sequence (divides the world size)
+    ce_chunk_tokens: int = 4096  # rows of logits per cross-entropy chunk (0: all at once)
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
