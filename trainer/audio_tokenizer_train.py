@@ -18,7 +18,6 @@ holds the tokenizer under ``tokenizer.*``.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from trainer import hf_compat  # noqa: F401  (before transformers)
 from trainer.model import AudioTokenizer, _attn_implementation
+from trainer.pretrained import load_whisper_encoder
 
 DEFAULTS: dict[str, Any] = {
     "recon_weight": 1.0,  # weight of the multi-scale mel loss
@@ -45,36 +45,6 @@ DEFAULTS: dict[str, Any] = {
     "semantic_max_tokens": 128,  # transcript tokens per clip (longer ones are cut)
     "encoder_from": None,  # a local Whisper checkpoint dir (Hugging Face layout)
 }
-
-
-def load_whisper_encoder(encoder: nn.Module, path: str | Path) -> None:
-    """A local Hugging Face Whisper checkpoint's encoder weights (``WhisperModel`` or
-    ``WhisperForConditionalGeneration`` layout) into ``encoder``; shapes must match the model config."""
-    from transformers import WhisperModel
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"encoder_from: {path} holds no Hugging Face checkpoint (config.json)")
-    source = WhisperModel.from_pretrained(str(path), local_files_only=True).encoder.state_dict()
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(source))
-    unexpected = sorted(set(source) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in source and source[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        detail = "; ".join(
-            [f"shape mismatch {m}" for m in mismatched[:6]]
-            + ([f"missing {missing[:6]}"] if missing else [])
-            + ([f"unexpected {unexpected[:6]}"] if unexpected else [])
-        )
-        raise ValueError(
-            f"encoder_from {path} does not fit the model config's audio.encoder "
-            f"(d_model, encoder_layers, encoder_ffn_dim, num_mel_bins, max_source_positions must match): {detail}"
-        )
-    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in source.items()}, strict=True)
 
 
 def _semantic_llm(spec: dict[str, Any], default_tokenizer: str | None) -> tuple[nn.Module, Any]:
@@ -148,7 +118,7 @@ class AudioTokenizerTraining(nn.Module):
             kmeans_iters=int(args["kmeans_iters"]),
         )
         if args.get("encoder_from"):
-            load_whisper_encoder(self.tokenizer.encoder, args["encoder_from"])
+            load_whisper_encoder(self.tokenizer.encoder, args["encoder_from"], what="encoder_from")
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.semantic_llm: nn.Module | None = None
         self.semantic_adapter: nn.Module | None = None

@@ -100,12 +100,28 @@ def _run(stages: list, args: argparse.Namespace) -> int:
     return code
 
 
+def _estimate(args: argparse.Namespace, paths: list, table: bool) -> int:
+    """``--estimate``: per-GPU memory and tokens/s (trainer/estimate.py); nothing is launched or trained."""
+    from pipelines.overrides import OverrideError
+    from trainer.estimate import EstimateError, run
+    from trainer.stages import load_stage
+
+    if args.smoke:
+        raise _user_error("--estimate and --smoke do not go together: the estimate is for the stage as configured")
+    try:
+        return run(args, [load_stage(p, args.overrides) for p in paths], table=table)
+    except (StageError, EstimateError, OverrideError) as e:
+        raise _user_error(str(e)) from e
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.stages import load_stage, resolve_stage_ref
 
     args.started = time.monotonic()
     _check(args)
     path = resolve_stage_ref(args.stage)
+    if args.estimate:
+        return _estimate(args, [path], table=False)
     paths = _smoke([path], args) if args.smoke else [path]
     try:
         stage = load_stage(paths[0], args.overrides)
@@ -168,6 +184,8 @@ def _cmd_train_all(args: argparse.Namespace) -> int:
         raise _user_error(str(e)) from e
     if not stages:
         raise _user_error(f"no stage from {args.start or 'the first'} to {args.until or 'the last'} in {args.stages}")
+    if args.estimate:
+        return _estimate(args, [s.path for s in stages], table=True)
     if args.mixtures:
         _planned(stages, args.mixtures)
     try:
@@ -286,6 +304,59 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, export_stage
+
+    try:
+        info = export_stage(
+            args.stage_dir,
+            args.out,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            force=args.force,
+            fmt=args.format,
+            partial=args.partial,
+        )
+    except ExportError as e:
+        raise _user_error(str(e)) from e
+    if args.format == "release":
+        left = f"; not written: {', '.join(info['unplaced'][:3])}" if info["unplaced"] else ""
+        left += f" (+{len(info['unplaced']) - 3} more)" if len(info["unplaced"]) > 3 else ""
+        print(f"{info['out']}: stage {info['stage']}, {info['tensors']} tensors in the released layout{left}")
+        return 0
+    what = "Qwen2ForCausalLM loads its LLM" if info["transformers"] else "an audio stage: not transformers-loadable"
+    print(
+        f"{info['out']}: stage {info['stage']} ({info['task']}), {info['tensors']} tensors in {info['shards']} "
+        f"shard(s), {info['bytes'] / 1e6:.1f} MB {'/'.join(info['dtypes'])}; {what}"
+    )
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from trainer.release import ReleaseLayoutError, export_release, import_release, parse_size
+    from trainer.stages import load_model_config
+    from trainer.weights import WeightsMismatch
+
+    if (args.release_dir is None) == (args.to_release is None):
+        raise _user_error("give a RELEASE_DIR to import, or --to-release MODEL_PT to write the released layout")
+    try:
+        cfg = load_model_config(args.model)
+    except StageError as e:
+        raise _user_error(str(e)) from e
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        if args.to_release is not None:
+            export_release(
+                args.to_release, cfg, args.out, partial=args.partial, max_bytes=parse_size(args.max_shard_size), say=say
+            )
+        else:
+            import_release(args.release_dir, cfg, args.out, partial=args.partial, say=say)
+    except (ReleaseLayoutError, WeightsMismatch) as e:
+        raise _user_error(str(e)) from e
+    return 0
+
+
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="training run directory (holds <stage>/final/, 0.2/final/, 0.3/final/)")
     p.add_argument("--stage", help="LLM stage to load (default: the latest finished one)")
@@ -301,9 +372,12 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from trainer.estimate import add_arguments as estimate_arguments
+
     t = subparsers.add_parser("train", help="train one stage (conf/stages/*.yaml) with DeepSpeed")
     t.add_argument("stage", help="stage config YAML, or a shipped stage's id (0.1 ... 4.2)")
     _launch_args(t)
+    estimate_arguments(t)
     t.set_defaults(fn=_cmd_train)
 
     a = subparsers.add_parser(
@@ -319,6 +393,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(its own mixture where the folder has none)",
     )
     _launch_args(a)
+    estimate_arguments(a)
     a.set_defaults(fn=_cmd_train_all)
 
     s = subparsers.add_parser("speak", help="speak a text with a trained run (24 kHz WAV)")
@@ -338,6 +413,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--text-top-k", type=int, default=50, help="text top-k (0: off)")
     g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling mass (default 0.9)")
     g.set_defaults(fn=_cmd_generate)
+
+    e = subparsers.add_parser(
+        "export", help="a finished stage as safetensors shards + config.json + tokenizer (Hugging Face layout)"
+    )
+    e.add_argument("stage_dir", help="a stage's directory (RUN_DIR/STAGE, holding final/model.pt and done.json)")
+    e.add_argument("--out", required=True, help="output directory (new, or empty; --force writes over an export)")
+    e.add_argument("--max-shard-size", default="5GB", help="largest shard: 5GB (default), 500MB, 2GiB, bytes")
+    e.add_argument(
+        "--dtype", choices=("keep", "bf16", "fp32"), default="keep", help="tensor dtype (default: as stored)"
+    )
+    e.add_argument("--tokenizer", help="text tokenizer directory (default: the one the stage records)")
+    e.add_argument(
+        "--format", choices=("hf", "release"), default="hf", help="hf (default) or the released model's layout"
+    )
+    e.add_argument(
+        "--partial", action="store_true", help="--format release: leave out what the release has no place for"
+    )
+    e.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its export")
+    e.set_defaults(fn=_cmd_export)
+
+    im = subparsers.add_parser(
+        "import", help="the released Baichuan-Omni-1.5 checkpoint into our model (or --to-release: back)"
+    )
+    im.add_argument("release_dir", nargs="?", help="released checkpoint directory (safetensors + index)")
+    im.add_argument(
+        "--to-release", metavar="MODEL_PT", help="write this model.pt (or its directory) in the released layout"
+    )
+    im.add_argument("--model", required=True, help="model config (conf/models name or YAML), e.g. baichuan-omni-1.5")
+    im.add_argument("--out", required=True, help="import: OUT_DIR gets model.pt + done.json (init_from: OUT_DIR)")
+    im.add_argument(
+        "--partial", action="store_true", help="load what maps and list the rest (the audio decoder has no place)"
+    )
+    im.add_argument("--max-shard-size", default="5GB", help="--to-release: largest shard (default 5GB)")
+    im.set_defaults(fn=_cmd_import)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -419,7 +419,12 @@ class PackedStream(IterableDataset):
 
 
 def pack_arrays(pack: Pack, seq_len: int, pad_id: int, state: dict[str, Any]) -> dict[str, Any]:
-    """One pack as arrays (padded to ``seq_len``), its media, its sample ids and the state after it."""
+    """One pack as arrays (padded to ``seq_len``), its media, its sample ids and the state after it.
+
+    ``seq_lens``: the pack's sample boundaries as data, each sample's length and then the padding's (one
+    segment of its own); the LLM's attention stays within a segment (trainer/attention.py)."""
+    from trainer.attention import seq_lens_array
+
     ids = np.full(seq_len, pad_id, dtype=np.int64)
     labels = np.full(seq_len, IGNORE, dtype=np.int64)
     positions = np.zeros(seq_len, dtype=np.int64)
@@ -439,6 +444,7 @@ def pack_arrays(pack: Pack, seq_len: int, pad_id: int, state: dict[str, Any]) ->
         "labels": labels,
         "position_ids": positions,
         "loss_tags": tags,
+        "seq_lens": np.array(seq_lens_array([len(ex) for ex in pack.examples], seq_len), dtype=np.int64),
         "images": images,
         "audios": audios,
         "sample_ids": [ex.sample_id for ex in pack.examples],
@@ -447,12 +453,30 @@ def pack_arrays(pack: Pack, seq_len: int, pad_id: int, state: dict[str, Any]) ->
     }
 
 
+def _stack_seq_lens(packs: list[dict[str, Any]]) -> torch.Tensor:
+    """``[B, S]`` segment lengths, zero-padded; a pack without ``seq_lens`` is split where its position ids
+    restart."""
+    from trainer.attention import Segments
+
+    rows = [
+        [int(n) for n in p["seq_lens"]]
+        if p.get("seq_lens") is not None
+        else Segments.from_position_ids(torch.from_numpy(np.asarray(p["position_ids"]))).lengths[0]
+        for p in packs
+    ]
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def collate(packs: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack packs into a micro-batch; media in row order, matching the placeholders' order."""
     batch: dict[str, Any] = {
         k: torch.from_numpy(np.stack([p[k] for p in packs]))
         for k in ("input_ids", "labels", "position_ids", "loss_tags")
     }
+    batch["seq_lens"] = _stack_seq_lens(packs)
     images = [im for p in packs for im in p["images"]]
     if images:
         batch["pixel_values"] = torch.from_numpy(np.concatenate([im.patches for im in images]))

@@ -144,8 +144,7 @@ def _depth_step(layer: nn.Module, x: torch.Tensor, q: int, cache: list[torch.Ten
 
     o = F.scaled_dot_product_attention(split(qh), split(k), split(v))  # the new position sees all earlier ones
     x = x + attn.out_proj(o.transpose(1, 2).reshape(n_f, 1, d))
-    h = F.gelu(torch.einsum("fqd,dh->fqh", layer.norm2(x), layer.w_in[q].to(x.dtype)))
-    return x + torch.einsum("fqh,hd->fqd", h, layer.w_out[q].to(x.dtype))
+    return layer.ffn(x, q)
 
 
 def head_logits_incremental(model: Any, hidden: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
@@ -154,7 +153,7 @@ def head_logits_incremental(model: Any, hidden: torch.Tensor, codes: torch.Tenso
     acc = torch.zeros_like(hidden)
     out = []
     for i, clf in enumerate(head.classifiers):
-        x = (hidden + acc).unsqueeze(1)
+        x = head.position_input(hidden, acc, i).unsqueeze(1)
         for layer, cache in zip(head.layers, caches, strict=True):
             x = _depth_step(layer, x, i, cache)
         out.append(clf(head.norm(x))[:, 0])
@@ -171,7 +170,7 @@ def sample_frame(
     acc = torch.zeros_like(h)
     codes = []
     for i, (clf, size) in enumerate(zip(head.classifiers, model.codebook_sizes, strict=True)):
-        x = (h + acc).unsqueeze(1)
+        x = head.position_input(h, acc, i).unsqueeze(1)
         for layer, cache in zip(head.layers, caches, strict=True):
             x = _depth_step(layer, x, i, cache)
         logits = clf(head.norm(x))[0, 0].float()

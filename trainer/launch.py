@@ -243,6 +243,9 @@ def launch(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     clear_stale_build_locks()
+    from trainer.pretrained import check_stages
+
+    check_stages(stages)  # a first stage without the pretrained towers its model requires: one line, no ranks
     tok = tokenizer_dir(stages)
     cmd = command([str(s.path) for s in stages], overrides, tok, n, hostfile, master_addr, master_port, mixtures)
     proc = subprocess.Popen(cmd, env=rank_env(cuda, n), cwd=os.getcwd())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import hf_compat  # noqa: F401  (before transformers)
+from trainer.attention import Segments, SequenceParallel, use_packed_attention
 
 TAGS = ("text", "image", "video", "audio", "omni", "audio_gen")
 AUDIO_GEN_TAG = TAGS.index("audio_gen")
@@ -34,15 +35,16 @@ AUDIO_GEN_TAG = TAGS.index("audio_gen")
 
 
 class AudioBridge(nn.Module):
-    """Gated conv-MLP that folds ``downsample`` encoder frames into one (50 Hz → 12.5 Hz), with a residual."""
+    """Gated conv-MLP that folds ``downsample`` encoder frames into one (50 Hz → 12.5 Hz), with a residual.
+    ``bias=False`` (``audio.bridge.bias``) matches the released bridge, whose convs and projection have none."""
 
-    def __init__(self, d_model: int, downsample: int) -> None:
+    def __init__(self, d_model: int, downsample: int, bias: bool = True) -> None:
         super().__init__()
         self.k = downsample
         width = d_model * downsample
-        self.gate_proj = nn.Conv1d(d_model, width, downsample, stride=downsample)
-        self.up_proj = nn.Conv1d(d_model, width, downsample, stride=downsample)
-        self.down_proj = nn.Linear(width, width)
+        self.gate_proj = nn.Conv1d(d_model, width, downsample, stride=downsample, bias=bias)
+        self.up_proj = nn.Conv1d(d_model, width, downsample, stride=downsample, bias=bias)
+        self.down_proj = nn.Linear(width, width, bias=bias)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, ceil(T/k), d*k]
@@ -324,7 +326,7 @@ class AudioTokenizer(nn.Module):
         )
         self.downsample = cfg.get("downsample", 4)
         self.encoder = WhisperEncoder(wcfg)
-        self.bridge = AudioBridge(wcfg.d_model, self.downsample)
+        self.bridge = AudioBridge(wcfg.d_model, self.downsample, bool((cfg.get("bridge") or {}).get("bias", True)))
         self.quantizer = ResidualVQ(list(cfg["codebook_sizes"]), wcfg.d_model * self.downsample)
         dec = cfg.get("decoder", {})
         self.decoder = AudioDecoder(
@@ -402,40 +404,115 @@ class AudioTokenizer(nn.Module):
 # ---------------------------------------------------------------- audio head
 
 
-class DepthLayer(nn.Module):
-    """Causal attention across the codebook axis, then an FFN with separate weights per codebook."""
+def _head_norm(kind: str, d: int, eps: float) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(d)
+    if kind == "rms":
+        return nn.RMSNorm(d, eps=eps)
+    raise ValueError(f"audio_head.norm must be layer or rms, not {kind!r}")
 
-    def __init__(self, d: int, heads: int, ffn: int, n_q: int) -> None:
+
+class DepthLayer(nn.Module):
+    """Causal attention across the codebook axis, then an FFN with separate weights per codebook.
+
+    By default both halves are pre-norm (LayerNorm) and the attention has no biases. The released head
+    (``audio_head`` options ``norm: rms``, ``bias: true``, ``ffn_residual: normed``; trainer/release.py)
+    uses RMSNorm, biased attention, and feeds the FFN's residual from the *normalised* stream:
+    ``r = norm2(x + attn(norm1(x))); out = r + ffn(r)``. ``unused_ffn_bias`` keeps, as buffers, the
+    biases the released checkpoint stores for its per-codebook FFN and its forward never adds."""
+
+    def __init__(
+        self,
+        d: int,
+        heads: int,
+        ffn: int,
+        n_q: int,
+        norm: str = "layer",
+        bias: bool = False,
+        ffn_residual: str = "prenorm",
+        unused_ffn_bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, bias=False, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
+        if ffn_residual not in ("prenorm", "normed"):
+            raise ValueError(f"audio_head.ffn_residual must be prenorm or normed, not {ffn_residual!r}")
+        self.ffn_residual = ffn_residual
+        self.norm1 = _head_norm(norm, d, eps)
+        self.attn = nn.MultiheadAttention(d, heads, bias=bias, batch_first=True)
+        self.norm2 = _head_norm(norm, d, eps)
         self.w_in = nn.Parameter(torch.randn(n_q, d, ffn) / math.sqrt(d))
         self.w_out = nn.Parameter(torch.randn(n_q, ffn, d) / math.sqrt(ffn))
+        if unused_ffn_bias:  # carried for an exact round trip of the released weights; never added
+            self.register_buffer("linear1_bias", torch.zeros(ffn))
+            self.register_buffer("linear2_bias", torch.zeros(d))
+
+    def ffn(self, x: torch.Tensor, q: int | None = None) -> torch.Tensor:
+        """The second half on the post-attention stream ``x [F, n_q, d]``; with ``q``, ``x [F, 1, d]`` holds
+        codebook position ``q`` only (incremental decoding)."""
+        w_in = self.w_in if q is None else self.w_in[q : q + 1]
+        w_out = self.w_out if q is None else self.w_out[q : q + 1]
+        if self.ffn_residual == "normed":
+            x = h = self.norm2(x)
+        else:
+            h = self.norm2(x)
+        h = F.gelu(torch.einsum("fqd,qdh->fqh", h, w_in.to(x.dtype)))
+        return x + torch.einsum("fqh,qhd->fqd", h, w_out.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [F, n_q, d]
         n = x.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
         h = self.norm1(x)
         x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
-        h = F.gelu(torch.einsum("fqd,qdh->fqh", self.norm2(x), self.w_in.to(x.dtype)))
-        return x + torch.einsum("fqh,qhd->fqd", h, self.w_out.to(x.dtype))
+        return self.ffn(x)
 
 
 class AudioHead(nn.Module):
-    """Predicts one 12.5 Hz frame's 8 codes (+ end-of-audio) from the LLM hidden state, RQ-Transformer style."""
+    """Predicts one 12.5 Hz frame's 8 codes (+ end-of-audio) from the LLM hidden state, RQ-Transformer style.
 
-    def __init__(self, d: int, codebook_sizes: list[int], layers: int, heads: int, ffn_mult: int) -> None:
+    Depth position ``q`` sees the summed embeddings of codes ``0..q-1``; ``hidden_input: every`` (default)
+    adds the LLM state to every position, ``first`` (as released) makes it position 0's input alone.
+    ``bias`` gives the attention and the classifiers biases (as released); ``norm`` is ``layer`` or ``rms``."""
+
+    def __init__(
+        self,
+        d: int,
+        codebook_sizes: list[int],
+        layers: int,
+        heads: int,
+        ffn_mult: int,
+        norm: str = "layer",
+        bias: bool = False,
+        ffn_residual: str = "prenorm",
+        hidden_input: str = "every",
+        unused_ffn_bias: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
+        if hidden_input not in ("every", "first"):
+            raise ValueError(f"audio_head.hidden_input must be every or first, not {hidden_input!r}")
+        self.hidden_input = hidden_input
         n_q = len(codebook_sizes)
-        self.layers = nn.ModuleList(DepthLayer(d, heads, d * ffn_mult, n_q) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.classifiers = nn.ModuleList(nn.Linear(d, s + 1, bias=False) for s in codebook_sizes)
+        self.layers = nn.ModuleList(
+            DepthLayer(d, heads, d * ffn_mult, n_q, norm, bias, ffn_residual, unused_ffn_bias, eps)
+            for _ in range(layers)
+        )
+        self.norm = _head_norm(norm, d, eps)
+        self.classifiers = nn.ModuleList(nn.Linear(d, s + 1, bias=bias) for s in codebook_sizes)
+
+    def position_input(self, hidden: torch.Tensor, acc: torch.Tensor, q: int) -> torch.Tensor:
+        """Depth position ``q``'s input from the LLM state ``hidden [F, d]`` and ``acc [F, d]``, the summed
+        embeddings of codes ``0..q-1`` (what ``forward`` builds for all positions at once)."""
+        if self.hidden_input == "first":
+            return hidden if q == 0 else acc
+        return hidden + acc
 
     def forward(self, hidden: torch.Tensor, prev_code_embeds: torch.Tensor) -> list[torch.Tensor]:
         """``hidden [F, d]``; ``prev_code_embeds [F, n_q, d]`` (teacher-forced codes); logits per codebook."""
         shifted = torch.cumsum(prev_code_embeds, dim=1)[:, :-1]
-        x = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1) + hidden.unsqueeze(1)
+        if self.hidden_input == "first":
+            x = torch.cat([hidden.unsqueeze(1).to(shifted.dtype), shifted], dim=1)
+        else:
+            x = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1) + hidden.unsqueeze(1)
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)
@@ -457,19 +534,30 @@ def _attn_implementation(requested: str | None) -> str:
 
 
 class OmniModel(nn.Module):
-    def __init__(self, cfg: dict[str, Any], vocab_size: int | None = None, special: Any = None) -> None:
+    ce_chunk_tokens = 4096  # LM-head cross-entropy rows per chunk (0: all at once); a stage sets its own
+
+    def __init__(
+        self, cfg: dict[str, Any], vocab_size: int | None = None, special: Any = None, pretrained: str = "load"
+    ) -> None:
+        """``pretrained`` (trainer/pretrained.py): ``load`` the towers the config names (``llm.pretrained``,
+        ``vision.pretrained``, ``audio.encoder_pretrained``), ``require`` them too where the config has
+        ``require_pretrained`` (a first stage), or ``none``: read no weights (an ``init_from`` follows)."""
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
+        from trainer import pretrained as towers
+
+        if pretrained not in towers.MODES:
+            raise ValueError(f"pretrained must be one of {towers.MODES}, not {pretrained!r}")
+        if pretrained == "require":
+            towers.check_required(cfg, f"model {cfg.get('name', '?')}")
         self.cfg = cfg
         llm_cfg = cfg["llm"]
         attn = _attn_implementation(llm_cfg.get("attn_implementation"))
-        if llm_cfg.get("pretrained"):
-            llm = Qwen2ForCausalLM.from_pretrained(
-                llm_cfg["pretrained"], local_files_only=True, attn_implementation=attn
-            )
+        if towers.given(llm_cfg.get("pretrained")):
+            llm = towers.build_llm(llm_cfg, vocab_size, attn, load=pretrained != "none")
         else:
             c = dict(llm_cfg["config"])
             if c.get("vocab_size") is None:
@@ -483,6 +571,7 @@ class OmniModel(nn.Module):
         hidden = llm.config.hidden_size
         self.model = llm.model
         self.lm_head = llm.lm_head
+        use_packed_attention(llm.config)  # packs stay apart by explicit segments (trainer/attention.py)
 
         vcfg = dict(cfg["vision"]["config"])
         vcfg["hidden_size"] = hidden
@@ -504,10 +593,33 @@ class OmniModel(nn.Module):
         self.model.audio_embed_layers = nn.ModuleList(nn.Embedding(s + 1, hidden) for s in sizes)
         head = cfg.get("audio_head", {})
         self.audio_head = AudioHead(
-            hidden, sizes, head.get("layers", 3), head.get("heads", max(1, hidden // 128)), head.get("ffn_mult", 2)
+            hidden,
+            sizes,
+            head.get("layers", 3),
+            head.get("heads", max(1, hidden // 128)),
+            head.get("ffn_mult", 2),
+            norm=head.get("norm", "layer"),
+            bias=bool(head.get("bias", False)),
+            ffn_residual=head.get("ffn_residual", "prenorm"),
+            hidden_input=head.get("hidden_input", "every"),
+            unused_ffn_bias=bool(head.get("unused_ffn_bias", False)),
+            eps=float(head.get("norm_eps", 1e-6)),
         )
         self.audio_loss_weight = float(head.get("loss_weight", 1.0))
         self.special = special
+        self.sequence_parallel: SequenceParallel | None = None  # Ulysses: set by StageRun (trainer/attention.py)
+        if pretrained != "none":
+            towers.load_towers(self, cfg)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = torch.float32
+    ) -> OmniModel:
+        """The model of an ``omni export`` directory (config.json's ``omni`` section, the saved tokenizer,
+        the safetensors shards loaded strictly); ``dtype="auto"`` keeps the stored dtype. See trainer/export.py."""
+        from trainer.export import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
 
     # -- helpers
 
@@ -552,9 +664,15 @@ class OmniModel(nn.Module):
         audio_chunk_clip: torch.Tensor | None = None,
         audio_frames: torch.Tensor | None = None,
         audio_generate: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
-        """``loss`` to back-propagate; per-tag loss sums and counts (``TAGS`` order) for logging."""
+        """``loss`` to back-propagate; per-tag loss sums and counts (``TAGS`` order) for logging.
+
+        ``seq_lens [B, S]``: each row's segments (``trainer.data.collate``); attention stays within a segment
+        (without them, segments start where the position ids restart). Under sequence parallelism every rank
+        of the group embeds the whole batch, runs the LLM on its 1/N of the sequence, and returns the whole
+        sequence's loss as the value, with the gradient of its own share only (DeepSpeed sums the shares)."""
         device = input_ids.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
         embeds = self.model.embed_tokens(input_ids)
@@ -583,7 +701,14 @@ class OmniModel(nn.Module):
             zero = zero + dummy.sum().float() * 0
         embeds = flat.view_as(embeds)
 
-        hidden = self.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+        sp, length = self.sequence_parallel, input_ids.shape[1]
+        llm_kwargs: dict[str, Any] = {"segments": Segments.of_batch(seq_lens, position_ids)}
+        if sp is not None:
+            embeds, position_ids = sp.shard(embeds), sp.shard(position_ids)
+            llm_kwargs["ulysses"] = sp.attention(self.llm_config, embeds.shape[0])
+        hidden = self.model(
+            inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **llm_kwargs
+        ).last_hidden_state
         h_flat = hidden.reshape(-1, hidden.shape[-1])
 
         n_tags = len(TAGS)
@@ -591,32 +716,52 @@ class OmniModel(nn.Module):
         tag_count = torch.zeros(n_tags, device=device, dtype=torch.float32)
 
         # text: position i predicts labels[i + 1]; only labelled rows reach the LM head
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-        tags = F.pad(loss_tags[:, 1:], (0, 1), value=0).reshape(-1)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        tags = F.pad(loss_tags[:, 1:], (0, 1), value=0)
+        n_text = (targets != -100).sum()  # the whole sequence's count, whichever share of it this rank holds
+        if sp is not None:
+            targets, tags = sp.shard(targets), sp.shard(tags)
+        targets, tags = targets.reshape(-1), tags.reshape(-1)
         rows = (targets != -100).nonzero(as_tuple=True)[0]
-        if rows.numel():
-            ce = F.cross_entropy(self.lm_head(h_flat[rows]).float(), targets[rows], reduction="none")
+        labelled = bool(rows.numel())
+        if not labelled:  # one zero-weighted row keeps the LM head in the graph
+            rows = rows.new_zeros(1)
+        row_targets = targets[rows].clamp(min=0)
+        if self.ce_chunk_tokens > 0:  # never all rows' fp32 full-vocabulary logits at once (trainer/memory.py)
+            from trainer.memory import chunked_cross_entropy
+
+            ce = chunked_cross_entropy(h_flat[rows], self.lm_head, row_targets, self.ce_chunk_tokens)
+        else:
+            ce = F.cross_entropy(self.lm_head(h_flat[rows]).float(), row_targets, reduction="none")
+        if labelled:
             tag_loss.index_add_(0, tags[rows], ce.detach())
             tag_count.index_add_(0, tags[rows], torch.ones_like(ce))
-            loss = ce.mean()
+            loss = ce.sum() / n_text
         else:
-            loss = self.lm_head(h_flat[:1]).float().sum() * 0
+            loss = ce.sum() * 0
 
         # audio head: the position before each generated frame predicts its 8 codes; the last frame, end-of-audio
         gen_rows, gen_codes = self._audio_targets(ids, clip_codes, audio_frames, audio_generate)
+        n_audio = gen_codes.numel() if gen_codes is not None else 0  # codes of the whole sequence
+        if sp is not None and gen_rows is not None:
+            gen_rows, gen_codes = sp.local_rows(gen_rows, gen_codes, length)
         if gen_rows is not None:
             logits = self.audio_head(h_flat[gen_rows], self.embed_codes(gen_codes))
-            ce = torch.stack([F.cross_entropy(lg.float(), gen_codes[:, i]) for i, lg in enumerate(logits)])
-            audio_loss = ce.mean()
-            n = float(gen_codes.numel())
-            tag_loss[AUDIO_GEN_TAG] += audio_loss.detach() * n
-            tag_count[AUDIO_GEN_TAG] += n
+            ce = torch.stack(
+                [F.cross_entropy(lg.float(), gen_codes[:, i], reduction="sum") for i, lg in enumerate(logits)]
+            ).sum()
+            audio_loss = ce / n_audio  # the mean over frames and codebooks
+            tag_loss[AUDIO_GEN_TAG] += ce.detach()
+            tag_count[AUDIO_GEN_TAG] += float(gen_codes.numel())
             loss = loss + self.audio_loss_weight * audio_loss
         else:
             dummy_codes = torch.zeros(1, len(self.codebook_sizes), dtype=torch.long, device=device)
             logits = self.audio_head(h_flat[:1], self.embed_codes(dummy_codes))
             zero = zero + sum(lg.float().sum() for lg in logits) * 0
-        return {"loss": loss + zero, "tag_loss": tag_loss, "tag_count": tag_count}
+        loss = loss + zero
+        if sp is not None:  # the value: the whole sequence's loss; the gradient: this rank's share of it
+            loss = sp.loss(loss)
+        return {"loss": loss, "tag_loss": tag_loss, "tag_count": tag_count}
 
     def _audio_targets(
         self,
@@ -652,13 +797,16 @@ def parameter_groups(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def build_model(cfg: dict[str, Any], tokenizer: Any = None, device: str | torch.device | None = None) -> OmniModel:
-    """The omni model for a model config; ``device='meta'`` builds the shape only (parameter counts)."""
+def build_model(
+    cfg: dict[str, Any], tokenizer: Any = None, device: str | torch.device | None = None, pretrained: str = "load"
+) -> OmniModel:
+    """The omni model for a model config; ``device='meta'`` builds the shape only (parameter counts).
+    ``pretrained``: ``load`` / ``require`` / ``none`` (``OmniModel``)."""
     from trainer.tokenizer import special_ids
 
     vocab = len(tokenizer) if tokenizer is not None else None
     special = special_ids(tokenizer) if tokenizer is not None else None
     if device is not None:
         with torch.device(device):
-            return OmniModel(cfg, vocab, special)
-    return OmniModel(cfg, vocab, special)
+            return OmniModel(cfg, vocab, special, pretrained)
+    return OmniModel(cfg, vocab, special, pretrained)

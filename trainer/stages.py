@@ -129,7 +129,7 @@ class StageConfig:
     task: str = "llm"  # llm | audio_tokenizer | flow_decoder | vocoder: what this stage trains
     task_args: dict[str, Any] = field(default_factory=dict)  # the audio task's hyperparameters
     audio_tokenizer_from: str | None = None  # a stage id (its export) or a .pt: the trained audio tokenizer
-    activation_checkpointing: bool = False  # recompute each transformer layer's activations in backward
+    activation_checkpointing: bool | dict[str, bool] = False  # recompute each layer in backward; per tower: {llm: true}
     sequence_parallel: int = 1  # Ulysses degree: ranks that share one sequence (divides the world size)
     ce_chunk_tokens: int = 4096  # rows of logits per cross-entropy chunk (0: all at once)
     description: str = ""
@@ -209,6 +209,21 @@ def stage_from_dict(doc: dict[str, Any], path: Path) -> StageConfig:
     kwargs["allow_uris"] = list(allow)
     if kwargs.get("verify_shards", "sha256") not in ("sha256", "size", "none"):
         raise StageError(f"{path}: verify_shards must be sha256, size or none, not {kwargs['verify_shards']!r}")
+    sp = kwargs.get("sequence_parallel", 1)
+    if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+        raise StageError(f"{path}: sequence_parallel must be a positive integer, not {sp!r}")
+    if sp > 1 and (task != "llm" or int(kwargs.get("seq_len") or 0) % sp):
+        raise StageError(f"{path}: sequence_parallel {sp} needs an LLM stage whose seq_len divides by it")
+    if "activation_checkpointing" in kwargs:  # true/false or per tower {llm: true, vision: false}
+        from trainer.memory import checkpoint_towers
+
+        try:
+            checkpoint_towers(kwargs["activation_checkpointing"])
+        except ValueError as e:
+            raise StageError(f"{path}: {e}") from e
+    chunk = kwargs.get("ce_chunk_tokens", 0)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise StageError(f"{path}: ce_chunk_tokens must be a whole number >= 0 (0: unchunked), not {chunk!r}")
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     for key in ("init_from", "audio_tokenizer_from"):
@@ -321,7 +336,7 @@ def set_trainable(model: Any, names: list[str]) -> dict[str, int]:
         hit = next((p for p in prefixes if _matches(pname, p)), None)
         param.requires_grad_(hit is not None)
         if hit is not None:
-            counts[hit] += param.numel()
+            counts[hit] += int(getattr(param, "ds_numel", param.numel()))  # whole size under ZeRO-3
     unknown = [p for p, n in counts.items() if n == 0]
     if unknown:
         raise StageError(f"trainable names match no parameters: {unknown}")

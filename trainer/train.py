@@ -85,6 +85,11 @@ def deepspeed_config(stage: Any, device_type: str) -> dict[str, Any]:
         precision = "bf16" if device_type == "cuda" else "fp32"
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg["fp16"] = {"enabled": False}
+    if getattr(stage, "sequence_parallel", 1) > 1:  # data parallel = world / sequence_parallel
+        cfg["sequence_parallel_size"] = stage.sequence_parallel
+        zero = cfg.setdefault("zero_optimization", {})
+        if zero.get("stage") == 3:  # one gradient-averaging path only (attention.zero3_grad_scale)
+            zero["reduce_scatter"] = True
     return cfg
 
 
@@ -106,11 +111,13 @@ def load_audio_tokenizer(tokenizer: torch.nn.Module, stage: Any) -> None:
         return
     if not path.is_file():
         raise FileNotFoundError(f"stage {stage.stage}: audio_tokenizer_from {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     own = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
     if not own:
         raise ValueError(f"stage {stage.stage}: {path} holds no audio tokenizer (no tokenizer.* keys)")
-    tokenizer.load_state_dict(own, strict=True)
+    from trainer.weights import load_into
+
+    load_into(tokenizer, own, strict=True, what=f"stage {stage.stage}: audio_tokenizer_from {path}")
 
 
 class StageRun:
@@ -120,13 +127,21 @@ class StageRun:
         import deepspeed
         import torch.distributed as dist
 
+        from trainer import memory
+        from trainer.attention import check_heads, stage_sequence_parallel, zero3_grad_scale
         from trainer.data import DataPosition, make_loader, resolve_entry
         from trainer.model import build_model
+        from trainer.pretrained import detached_config
         from trainer.stages import param_groups, set_trainable
         from trainer.tokenizer import load_tokenizer
+        from trainer.weights import load_into
 
         self.stage = stage
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # Ulysses: groups of sequence_parallel consecutive ranks share each sequence and read the same batches
+        self.mpu, self.sp = stage_sequence_parallel(stage, self.world)
+        sp_size = self.sp.size if self.sp is not None else 1
+        self.dp_rank, self.dp_world = self.rank // sp_size, self.world // sp_size
         self.out = stage.out_dir
         self.ckpt_dir = self.out / "checkpoints"
         self.tokenizer_path = tokenizer_path
@@ -143,17 +158,37 @@ class StageRun:
             self.flops_per_token = 0
         else:
             tokenizer = load_tokenizer(tokenizer_path)
-            model = build_model(model_cfg, tokenizer)
+            ds_config = deepspeed_config(stage, deepspeed.get_accelerator().device_name())
+            # a first stage starts from the pretrained towers (required where the model config says so);
+            # a stage with init_from reads none of them: its weights follow (trainer/pretrained.py)
+            with memory.model_build(ds_config):  # ZeRO-3: partitioned from the start (deepspeed.zero.Init)
+                model = build_model(model_cfg, tokenizer, pretrained="none" if stage.init_from else "require")
+            self.model_cfg = detached_config(model_cfg, model)  # done.json: rebuilt without the towers' dirs
             init = stage.init_weights()
             if init is not None:
                 if not init.is_file():
                     raise FileNotFoundError(f"stage {stage.stage} starts from {init}, which does not exist")
-                model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True), strict=True)
+                # memory-mapped: only the pages rank 0 copies from are read (weights.load_into)
+                state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
+                load_into(model, state, strict=True, what=f"stage {stage.stage}: init_from {init}")
+                del state
             load_audio_tokenizer(model.audio_tokenizer, stage)
             self.trainable = set_trainable(model, stage.trainable)
+            self.checkpointed = memory.configure(model, stage)  # CE chunks, activation checkpointing
+            memory.register_zero3_externals(model)
+            self.built = memory.partition_report(model)  # before deepspeed.initialize: zero.Init's doing
+            if self.built["partitioned"]:
+                _rank_print(
+                    f"stage {stage.stage}: built partitioned (deepspeed.zero.Init): rank 0 holds "
+                    f"{self.built['local'] / 1e6:,.1f}M of {self.built['full'] / 1e6:,.1f}M parameters"
+                )
             # 6·N per token for the LLM's non-embedding weights (the towers only see their own tokens)
             llm = [p for n, p in model.named_parameters() if n.startswith(("model.layers.", "lm_head."))]
-            self.flops_per_token = 6 * sum(p.numel() for p in llm)
+            self.flops_per_token = 6 * sum(memory.full_numel(p) for p in llm)
+        if self.sp is not None:
+            check_heads(model.llm_config.num_attention_heads, model.llm_config.num_key_value_heads, self.sp.size)
+            self.sp.grad_scale = zero3_grad_scale(deepspeed_config(stage, "cpu"), self.sp.size)
+            model.sequence_parallel = self.sp
         self.peak = peak_flops()
         groups = param_groups(model, stage.lr, stage.weight_decay)
         optimizer = torch.optim.AdamW(
@@ -161,7 +196,7 @@ class StageRun:
         )
         device_type = deepspeed.get_accelerator().device_name()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(stage, device_type)
+            model=model, optimizer=optimizer, config=deepspeed_config(stage, device_type), mpu=self.mpu
         )
         self.device = self.engine.device
         self.step, self.tokens, self.samples = 0, 0, 0
@@ -174,7 +209,7 @@ class StageRun:
             _rank_print(f"stage {stage.stage}: resumed at step {self.step} from {self.ckpt_dir / tag}")
         entries = [resolve_entry(e, stage.allow_uris, stage.verify_shards) for e in stage.mixture]
         self.position = (
-            DataPosition.from_dict(data_state) if data_state else DataPosition(self.world, stage.num_workers)
+            DataPosition.from_dict(data_state) if data_state else DataPosition(self.dp_world, stage.num_workers)
         )
         if stage.is_audio:
             from trainer.audio_data import make_clip_loader
@@ -186,8 +221,8 @@ class StageRun:
                 max_seconds,
                 stage.micro_batch,
                 stage.seed,
-                self.rank,
-                self.world,
+                self.dp_rank,
+                self.dp_world,
                 stage.num_workers,
                 data_state,
             )
@@ -199,8 +234,8 @@ class StageRun:
                 stage.seq_len,
                 stage.micro_batch,
                 stage.seed,
-                self.rank,
-                self.world,
+                self.dp_rank,
+                self.dp_world,
                 stage.num_workers,
                 data_state,
             )
@@ -317,7 +352,8 @@ class StageRun:
                 else:
                     tag_loss = tag_loss + out["tag_loss"].detach().double().cpu()
                     tag_count = tag_count + out["tag_count"].detach().double().cpu()
-                local += torch.tensor([batch["meta"]["tokens"], batch["meta"]["samples"]], dtype=torch.float64)
+                if self.sp is None or self.sp.rank == 0:  # a sequence-parallel group counts its batch once
+                    local += torch.tensor([batch["meta"]["tokens"], batch["meta"]["samples"]], dtype=torch.float64)
                 ids.extend(batch["meta"]["sample_ids"])
             names = sorted(metrics)
             extra = (

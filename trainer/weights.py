@@ -28,13 +28,25 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def persistent_names(module: nn.Module) -> set[str]:
+    """The names ``module.state_dict()`` holds (parameters and persistent buffers), without building it:
+    a partitioned model's state dict is empty tensors, and non-persistent buffers (rotary ``inv_freq``)
+    are never in a checkpoint."""
+    names = {n for n, _ in module.named_parameters()}
+    for prefix, sub in module.named_modules():
+        for n, b in sub.named_buffers(recurse=False):
+            if b is not None and n not in sub._non_persistent_buffers_set:
+                names.add(f"{prefix}.{n}" if prefix else n)
+    return names
+
+
 def check_fits(
     module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True, what: str = "weights"
 ) -> None:
     """Raise ``WeightsMismatch`` listing missing, unexpected (``strict``) and wrongly shaped names."""
     own = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
-    persistent = set(module.state_dict().keys()) if not is_partitioned(module) else set(own)
+    persistent = persistent_names(module)
     missing = sorted(k for k in own if k in persistent and k not in state) if strict else []
     unexpected = sorted(k for k in state if k not in own)
     shapes = sorted(
