@@ -240,6 +240,34 @@ def test_tokenize_decoder_states_and_export_into_the_omni_model(
     assert all(torch.equal(a, b) for a, b in zip(model.audio_tokenizer(mels), alone, strict=True))
 
 
+def test_release_decoder_layout_trains_in_stage_0_1(data: dict[str, Any]) -> None:
+    """``audio.decoder.layout: release`` (the released reconstruction decoder, trainer/model.py): stage 0.1
+    drives it as it drives ours, and a few steps lower its reconstruction loss; padded clips decode as alone."""
+    cfg = tiny_cfg()
+    cfg["audio"]["decoder"]["layout"] = "release"
+    torch.manual_seed(0)
+    module = build_audio_tokenizer(cfg, {**TASK_ARGS, "semantic_llm": None}, None)
+    assert hasattr(module.tokenizer.decoder, "dconv1") and hasattr(module.tokenizer.decoder, "post_net")
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-2)
+    module.train()
+    recon = []
+    for _ in range(20):
+        out = module(**data["train"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        recon.append(float(out["metrics"]["recon"]))
+    assert np.mean(recon[-3:]) < 0.7 * np.mean(recon[:3]), recon
+    tok = module.eval().tokenizer
+    codes, frames = tok.tokenize(data["held"]["whisper_mel"], data["held"]["mel_len"])
+    hidden, refined = tok.decoder_states(codes, frames)
+    i = int(frames.argmin())
+    n = int(frames[i])
+    alone_h, alone = tok.decoder_states(codes[i : i + 1, :n])
+    assert torch.allclose(hidden[i, : 8 * n], alone_h[0], atol=1e-4)
+    assert torch.allclose(refined[i, :, : 8 * n], alone[0], atol=1e-4)
+
+
 def test_ema_restart_revives_a_collapsed_codebook() -> None:
     """A codebook whose codes all sit on one far point: EMA + dead-code restart spread it over the data."""
     torch.manual_seed(0)

@@ -73,7 +73,9 @@ def test_model_states_equal_deepspeeds_own_estimators() -> None:
 
 
 def test_the_paper_model_and_what_each_setting_changes() -> None:
-    s3 = stage("3")
+    shipped = stage("3")
+    assert shipped.activation_checkpointing is True and estimate(shipped, 8).fits  # the shipped stage fits 8x80 GB
+    s3 = replace(shipped, activation_checkpointing=False)
     e = estimate(s3, 8)
     assert abs(e.total_params - 10.9e9) / 10.9e9 < 0.02, e.total_params
     assert 9.0e9 < e.trainable_params < 9.4e9  # everything but the ViT and the audio tokenizer (Fig. 5)
@@ -107,6 +109,7 @@ def test_the_paper_model_and_what_each_setting_changes() -> None:
     assert chunked < full / 5
 
     via_set = estimate(stage("3", "activation_checkpointing=true", "sequence_parallel=4"), 8)
+    assert not estimate(stage("3", "activation_checkpointing=false"), 8).fits
     assert via_set.total < ckpt.total and via_set.sequence_parallel == 4
 
 
@@ -243,7 +246,8 @@ def test_cli_prints_the_estimate_and_reports_bad_flags_in_one_line(capsys: pytes
     from trainer.cli import main
 
     done = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "train", "3", "--estimate", "--gpus", "8", "--gpu-memory", "80GB"],
+        [sys.executable, "-m", "trainer.cli", "train", "3", "--estimate", "--gpus", "8", "--gpu-memory", "80GB"]
+        + ["--set", "activation_checkpointing=false"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """``omni import``: a tiny checkpoint in the released Baichuan-Omni-1.5 layout (names and shapes written
 out here from the released modeling code, independently of trainer/release.py) imports into our model,
-computes what the released forward computes (LLM with fused ``W_pack``, the audio head), and goes back
-to the released layout bit-exactly; mistakes are one-line errors."""
+computes what the released forward computes (LLM with fused ``W_pack``, the audio head, the reconstruction
+decoder), and goes back to the released layout bit-exactly; mistakes are one-line errors."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ SIZES = [64, 32, 16, 16, 16, 16, 16, 16]  # codebooks
 NQ, HEAD_LAYERS, HEAD_HEADS = len(SIZES), 2, 4
 WIDE = 4 * A_W  # the 12.5 Hz bridge / RVQ width
 EPS = 1e-6
+# the reconstruction decoder (tiny.yaml's audio.decoder): layers, heads, FFN, kernel, post-net channels and
+# layers, mel bins, stored positions (30 s of 10 ms frames)
+DEC_L, DEC_H, DEC_FFN, DEC_K, POST_C, POST_L, N_MEL, POS = 1, 2, 64, 8, 16, 5, 80, 3000
 
 
 def release_config() -> dict:
@@ -50,6 +53,7 @@ def release_config() -> dict:
         "unused_ffn_bias": True,
     }
     cfg["audio"]["bridge"] = {"bias": False}
+    cfg["audio"]["decoder"].update(layout="release", kernel_size=DEC_K)
     return cfg
 
 
@@ -117,15 +121,42 @@ def released_shapes() -> dict[str, tuple[int, ...]]:
     return s
 
 
-# released tensors with no counterpart in our model (a few of the reconstruction decoder's)
-DECODER = {
-    "audio_tokenizer.audio_bridge_model.proj_decoder.weight": (A_W, WIDE),
-    "audio_tokenizer.audio_bridge_model.proj_decoder.bias": (A_W,),
-    "audio_tokenizer.audio_decoder.dconv1.conv.weight": (A_W, A_W, 8),
-    "audio_tokenizer.audio_decoder.dconv1.norm.weight": (A_W,),
-    "audio_tokenizer.audio_decoder.layers.0.self_attn.k_proj.weight": (A_W, A_W),
-    "audio_tokenizer.audio_decoder.post_net.layers.0.weight": (16, 80, 5),
-}
+def released_decoder_shapes() -> dict[str, tuple[int, ...]]:
+    """The reconstruction decoder of audio_modeling_omni.py at the tiny sizes: OmniAudioVQBridgeTokenizer's
+    proj_decoder, OmniAudioDecoder (CasualConvTranspose1d dconv1/dconv2 = ConvTranspose1d + GroupNorm(1),
+    the sinusoid buffer, causal OmniWhisperTransformerLayers, layer_norm) and MelSpecRefineNet's post_net
+    (an nn.Sequential of Conv1d k5 / GroupNorm / Mish triples, then a 1x1 Conv1d)."""
+    s: dict[str, tuple[int, ...]] = {}
+    s["audio_tokenizer.audio_bridge_model.proj_decoder.weight"] = (A_W, WIDE)
+    s["audio_tokenizer.audio_bridge_model.proj_decoder.bias"] = (A_W,)
+    a = "audio_tokenizer.audio_decoder."
+    s[a + "dconv1.conv.weight"], s[a + "dconv1.conv.bias"] = (A_W, A_W, DEC_K), (A_W,)  # ConvTranspose: [in, out, k]
+    s[a + "dconv1.norm.weight"], s[a + "dconv1.norm.bias"] = (A_W,), (A_W,)
+    s[a + "positional_embedding"] = (POS, A_W)
+    for i in range(DEC_L):
+        p = f"{a}layers.{i}."
+        s[p + "self_attn.k_proj.weight"] = (A_W, A_W)
+        for n in ("q_proj", "v_proj", "out_proj"):
+            s[f"{p}self_attn.{n}.weight"], s[f"{p}self_attn.{n}.bias"] = (A_W, A_W), (A_W,)
+        for n in ("self_attn_layer_norm", "final_layer_norm"):
+            s[f"{p}{n}.weight"], s[f"{p}{n}.bias"] = (A_W,), (A_W,)
+        s[p + "fc1.weight"], s[p + "fc1.bias"] = (DEC_FFN, A_W), (DEC_FFN,)
+        s[p + "fc2.weight"], s[p + "fc2.bias"] = (A_W, DEC_FFN), (A_W,)
+    s[a + "layer_norm.weight"], s[a + "layer_norm.bias"] = (A_W,), (A_W,)
+    s[a + "dconv2.conv.weight"], s[a + "dconv2.conv.bias"] = (A_W, N_MEL, DEC_K), (N_MEL,)
+    s[a + "dconv2.norm.weight"], s[a + "dconv2.norm.bias"] = (N_MEL,), (N_MEL,)
+    c_in = N_MEL
+    for j in range(POST_L - 1):
+        s[f"{a}post_net.layers.{3 * j}.weight"], s[f"{a}post_net.layers.{3 * j}.bias"] = (POST_C, c_in, 5), (POST_C,)
+        s[f"{a}post_net.layers.{3 * j + 1}.weight"], s[f"{a}post_net.layers.{3 * j + 1}.bias"] = (POST_C,), (POST_C,)
+        c_in = POST_C
+    last = 3 * (POST_L - 1)
+    s[f"{a}post_net.layers.{last}.weight"], s[f"{a}post_net.layers.{last}.bias"] = (N_MEL, POST_C, 1), (N_MEL,)
+    return s
+
+
+# the released reconstruction decoder: placed by audio.decoder.layout: release, by nothing else
+DECODER = released_decoder_shapes()
 
 
 def released_state(with_decoder: bool = True) -> dict[str, torch.Tensor]:
@@ -227,6 +258,54 @@ def released_audio_head(rel: dict[str, torch.Tensor], hidden: torch.Tensor, code
     return [x[:, j] @ rel[f"audio_head.heads.{j}.weight"].T + rel[f"audio_head.heads.{j}.bias"] for j in range(NQ)]
 
 
+def released_decoder(rel: dict[str, torch.Tensor], codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """OmniAudioTokenizer.decode for one clip's codes [N, n_q]: the codebooks' summed vectors through
+    proj_decoder; dconv1 (ConvTranspose1d stride 4, GroupNorm(1) over the whole output, the last k - 4
+    frames cut); + the stored positions; causal pre-LN Whisper layers (q/v/out biased, k not, exact GELU);
+    layer_norm (the states before dconv2); dconv2 (stride 2) gives the coarse mel; the post-net (its
+    resampling to the vocoder rate is the identity at 100 Hz) adds its conv stack to it.
+    Returns (states before dconv2 [4N, a], coarse [80, 8N], refined [80, 8N])."""
+    r, a = "audio_tokenizer.audio_bridge_model.", "audio_tokenizer.audio_decoder."
+    vec = sum(rel[f"{r}vq_list.{j}.codebook.embed"][codes[:, j]] for j in range(NQ))
+    x = vec @ rel[r + "proj_decoder.weight"].T + rel[r + "proj_decoder.bias"]
+
+    def upsample(z: torch.Tensor, name: str, stride: int) -> torch.Tensor:  # [C, L] -> [C', stride * L]
+        w, b = rel[f"{a}{name}.conv.weight"], rel[f"{a}{name}.conv.bias"]
+        y = F.conv_transpose1d(z[None], w, b, stride=stride)
+        y = F.group_norm(y, 1, rel[f"{a}{name}.norm.weight"], rel[f"{a}{name}.norm.bias"])
+        return y[0, :, : y.shape[-1] - (DEC_K - stride)]
+
+    def ln(z: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(z, (A_W,), rel[name + ".weight"], rel[name + ".bias"])
+
+    h = upsample(x.T, "dconv1", 4).T
+    t = h.shape[0]
+    h = h + rel[a + "positional_embedding"][:t]
+    for i in range(DEC_L):
+        p = f"{a}layers.{i}."
+        z = ln(h, p + "self_attn_layer_norm")
+        q = z @ rel[p + "self_attn.q_proj.weight"].T + rel[p + "self_attn.q_proj.bias"]
+        k = z @ rel[p + "self_attn.k_proj.weight"].T
+        v = z @ rel[p + "self_attn.v_proj.weight"].T + rel[p + "self_attn.v_proj.bias"]
+        q, k, v = (y.view(t, DEC_H, -1).transpose(0, 1) for y in (q, k, v))
+        o = causal_softmax_attention(q, k, v).transpose(0, 1).reshape(t, A_W)
+        h = h + o @ rel[p + "self_attn.out_proj.weight"].T + rel[p + "self_attn.out_proj.bias"]
+        z = ln(h, p + "final_layer_norm")
+        z = F.gelu(z @ rel[p + "fc1.weight"].T + rel[p + "fc1.bias"])
+        h = h + z @ rel[p + "fc2.weight"].T + rel[p + "fc2.bias"]
+    h = ln(h, a + "layer_norm")
+    coarse = upsample(h.T, "dconv2", 2)
+    y = coarse[None]
+    for j in range(POST_L - 1):
+        c = f"{a}post_net.layers.{3 * j}."
+        n = f"{a}post_net.layers.{3 * j + 1}."
+        y = F.conv1d(y, rel[c + "weight"], rel[c + "bias"], padding=2)
+        y = F.mish(F.group_norm(y, 1, rel[n + "weight"], rel[n + "bias"]))
+    last = f"{a}post_net.layers.{3 * (POST_L - 1)}."
+    y = F.conv1d(y, rel[last + "weight"], rel[last + "bias"])
+    return h, coarse, coarse + y[0]
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -234,18 +313,30 @@ def test_released_names_and_shapes_map_onto_our_model_both_ways() -> None:
     cfg = release_config()
     model = build_model(cfg, device="meta")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    decoder = {k for k in ours if k.startswith("audio_tokenizer.decoder.")}
-    spec = released_shapes()
+    spec = released_shapes() | DECODER
     mapped, origin, unplaced = map_release_to_ours(released_state(), cfg)
-    assert sorted(unplaced) == sorted(DECODER), "only the reconstruction decoder has no place"
-    assert set(mapped) == set(ours) - decoder, "every tensor of ours but the decoder comes from the release"
-    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: ours[k] for k in mapped}
+    assert unplaced == [], "the release layout places every released tensor, the decoder's too"
+    assert set(mapped) == set(ours), "and every tensor of ours comes from the release"
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == ours
     assert origin["model.layers.1.self_attn.k_proj.bias"] == ["model.layers.1.self_attn.W_pack.bias"]
+    assert origin["audio_tokenizer.decoder.proj_decoder.weight"] == [
+        "audio_tokenizer.audio_bridge_model.proj_decoder.weight"
+    ]
     # and back: our model's tensors give exactly the released names and shapes
     state = {k: torch.zeros(v) for k, v in ours.items()}
     rel, left = map_ours_to_release(state, cfg)
-    assert sorted(left) == sorted(decoder)
+    assert left == []
     assert {k: tuple(v.shape) for k, v in rel.items()} == spec
+
+    # our default decoder (tiny's) is another network: the released decoder has no place, nor has ours
+    default = release_config()
+    default["audio"]["decoder"] = load_model_config("tiny")["audio"]["decoder"]
+    own = {k: tuple(v.shape) for k, v in build_model(default, device="meta").state_dict().items()}
+    decoder = {k for k in own if k.startswith("audio_tokenizer.decoder.")}
+    mapped, _, unplaced = map_release_to_ours(released_state(), default)
+    assert sorted(unplaced) == sorted(DECODER) and set(mapped) == set(own) - decoder
+    rel, left = map_ours_to_release({k: torch.zeros(v) for k, v in own.items()}, default)
+    assert sorted(left) == sorted(decoder) and set(rel) == set(released_shapes())
 
 
 def test_import_computes_the_released_forward_and_round_trips_bit_exactly(tmp_path: Path, capsys) -> None:
@@ -254,20 +345,14 @@ def test_import_computes_the_released_forward_and_round_trips_bit_exactly(tmp_pa
     rel = released_state()
     src = save_release(rel, tmp_path / "release")
 
+    # strict: every released tensor placed, every tensor of ours (the decoder's too) from the release
     code, out, err = omni(
         str(src), "--model", str(tmp_path / "omni.yaml"), "--out", str(tmp_path / "imp"), capsys=capsys
     )
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "audio_tokenizer.audio_decoder.* (4)" in err and "proj_decoder.* (2)" in err and "--partial" in err
-
-    code, out, err = omni(
-        str(src), "--model", str(tmp_path / "omni.yaml"), "--out", str(tmp_path / "imp"), "--partial", capsys=capsys
-    )
     assert code == 0, err
-    assert f"{len(rel) - len(DECODER)} of {len(rel)} released tensors placed" in out
+    assert f"{len(rel)} of {len(rel)} released tensors placed" in out
     done = json.loads((tmp_path / "imp" / "done.json").read_text())
-    assert done["unplaced"] == sorted(DECODER) and done["model_config"] == cfg
-    assert all(k.startswith("audio_tokenizer.decoder.") for k in done["not_from_release"])
+    assert done["unplaced"] == [] and done["not_from_release"] == [] and done["model_config"] == cfg
 
     # what a stage with init_from: <dir> loads (trainer/stages.py export_path: <dir>/model.pt, strict)
     model = build_model(cfg)
@@ -290,31 +375,80 @@ def test_import_computes_the_released_forward_and_round_trips_bit_exactly(tmp_pa
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-5)
 
-    # back to the released layout: every tensor identical (values and dtype); the decoder left out
+        # the reconstruction decoder: codes -> mel, and the flow decoder's condition
+        tok = model.audio_tokenizer
+        g = torch.Generator().manual_seed(3)
+        clip = torch.stack([torch.randint(0, s, (6,), generator=g) for s in SIZES], 1)  # 6 frames
+        ref_h, ref_coarse, ref_refined = released_decoder(rel, clip)
+        q = tok.quantizer.dequantize(clip)[None]
+        coarse, refined = tok.decoder(q)
+        torch.testing.assert_close(coarse[0], ref_coarse, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(refined[0], ref_refined, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok.decode_mel(clip), ref_refined, rtol=1e-5, atol=1e-5)
+        cond, mel = tok.decoder_states(clip[None])
+        assert cond.shape == (1, 8 * 6, A_W) and mel.shape == (1, N_MEL, 8 * 6)
+        torch.testing.assert_close(cond[0], ref_h.repeat_interleave(2, 0), rtol=1e-5, atol=1e-5)
+        # a padded batch gives each clip what it gives alone
+        short = clip[:4]
+        both = torch.stack([clip, F.pad(short, (0, 0, 0, 2))])
+        cond2, mel2 = tok.decoder_states(both, torch.tensor([6, 4]))
+        alone_h, alone_mel = tok.decoder_states(short[None])
+        torch.testing.assert_close(cond2[1, :32], alone_h[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mel2[1, :, :32], alone_mel[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mel2[0], mel[0], rtol=1e-5, atol=1e-5)
+
+    # back to the released layout, strictly: every tensor identical (values and dtype)
     back = tmp_path / "back"
-    model_pt = str(tmp_path / "imp" / "model.pt")
-    code, out, err = omni(
-        "--to-release", model_pt, "--model", str(tmp_path / "omni.yaml"), "--out", str(back), capsys=capsys
-    )
-    assert code == 2 and "audio_tokenizer.decoder.*" in err and len(err.strip().splitlines()) == 1, err
     args = ["--to-release", str(tmp_path / "imp"), "--model", str(tmp_path / "omni.yaml"), "--out", str(back)]
-    code, out, err = omni(*args, "--partial", "--max-shard-size", "100KB", capsys=capsys)
+    code, out, err = omni(*args, "--max-shard-size", "100KB", capsys=capsys)
     assert code == 0, err
     index = json.loads((back / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     written = {}
     for f in set(index["weight_map"].values()):
         written.update(load_file(str(back / f)))
-    assert set(written) == set(rel) - set(DECODER)
+    assert set(written) == set(rel)
     for k, v in written.items():
         assert v.dtype == rel[k].dtype and torch.equal(v, rel[k]), k
-    code, out, err = omni(*args, "--partial", capsys=capsys)
+    code, out, err = omni(*args, capsys=capsys)
     assert code == 2 and "already holds safetensors" in err
 
-    # the functions alone: release -> ours -> release is the identity on every placed tensor
-    cut = {k: v for k, v in rel.items() if k not in DECODER}
-    again, left = map_ours_to_release(release_to_ours(cut, cfg), cfg)
-    assert not left and set(again) == set(cut) and all(torch.equal(again[k], cut[k]) for k in cut)
+    # the functions alone: release -> ours -> release is the identity on every tensor
+    again, left = map_ours_to_release(release_to_ours(rel, cfg), cfg)
+    assert not left and set(again) == set(rel) and all(torch.equal(again[k], rel[k]) for k in rel)
+
+
+def test_our_default_decoder_has_no_released_place(tmp_path: Path, capsys) -> None:
+    """tiny's decoder layout: the released decoder is named and stops a strict import; --partial loads the
+    rest and our decoder keeps its own weights; back, it is left out."""
+    cfg = release_config()
+    cfg["audio"]["decoder"] = load_model_config("tiny")["audio"]["decoder"]
+    (tmp_path / "omni.yaml").write_text(yaml.safe_dump(cfg))
+    rel = released_state()
+    src = save_release(rel, tmp_path / "release")
+    args = [str(src), "--model", str(tmp_path / "omni.yaml"), "--out", str(tmp_path / "imp")]
+    code, out, err = omni(*args, capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    n_dec = sum(k.startswith("audio_tokenizer.audio_decoder.") for k in DECODER)
+    assert f"audio_tokenizer.audio_decoder.* ({n_dec})" in err and "proj_decoder.* (2)" in err
+    assert "--partial" in err and "audio.decoder.layout: release" in err
+    code, out, err = omni(*args, "--partial", capsys=capsys)
+    assert code == 0, err
+    assert f"{len(rel) - len(DECODER)} of {len(rel)} released tensors placed" in out
+    done = json.loads((tmp_path / "imp" / "done.json").read_text())
+    assert done["unplaced"] == sorted(DECODER)
+    assert done["not_from_release"] and all(k.startswith("audio_tokenizer.decoder.") for k in done["not_from_release"])
+
+    back = tmp_path / "back"
+    args = ["--to-release", str(tmp_path / "imp"), "--model", str(tmp_path / "omni.yaml"), "--out", str(back)]
+    code, out, err = omni(*args, capsys=capsys)
+    assert code == 2 and "audio_tokenizer.decoder.*" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = omni(*args, "--partial", capsys=capsys)
+    assert code == 0, err
+    written = {}
+    for f in set(json.loads((back / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        written.update(load_file(str(back / f)))
+    assert set(written) == set(rel) - set(DECODER) and all(torch.equal(v, rel[k]) for k, v in written.items())
 
 
 def test_mistakes_are_one_line_errors(tmp_path: Path, capsys) -> None:
@@ -326,36 +460,57 @@ def test_mistakes_are_one_line_errors(tmp_path: Path, capsys) -> None:
         src = save_release(state, tmp_path / name)
         return omni(str(src), "--model", *extra, "--out", str(tmp_path / f"{name}-out"), capsys=capsys)
 
-    # a release without its decoder imports strictly; pretrained tower paths play no part (nothing is read)
+    # pretrained tower paths play no part (nothing is read); a release without its decoder imports strictly
+    # into our default decoder layout, not into the released one, which needs it
     towers = release_config()
     towers["vision"]["pretrained"] = str(tmp_path / "no-qwen2-vl")
     towers["audio"]["encoder_pretrained"] = str(tmp_path / "no-whisper")
+    towers["audio"]["decoder"] = load_model_config("tiny")["audio"]["decoder"]
     (tmp_path / "towers.yaml").write_text(yaml.safe_dump(towers))
     code, out, err = run(released_state(with_decoder=False), "nodecoder", str(tmp_path / "towers.yaml"))
     assert code == 0, err
     done = json.loads((tmp_path / "nodecoder-out" / "done.json").read_text())
     assert done["unplaced"] == [] and done["model_config"]["vision"]["pretrained"] is None
+    code, _, err = run(released_state(with_decoder=False), "nodecoder-release", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"lacks {len(DECODER)} released tensors the model needs" in err and "audio_decoder." in err
 
-    lacking = released_state(with_decoder=False)
+    lacking = released_state()
     del lacking["model.layers.1.self_attn.W_pack.bias"]
     code, _, err = run(lacking, "lacking", model)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "lacks 1 released tensors the model needs: model.layers.1.self_attn.W_pack.bias" in err
 
-    odd = released_state(with_decoder=False)
+    flow = released_state()  # the released flow-matching decoder: no place (stage 0.2's is another network)
+    flow["audio_tokenizer.audio_flow_matching_decoder.prenet.out_proj.weight"] = torch.zeros(N_MEL, 16)
+    code, _, err = run(flow, "flow", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "audio_tokenizer.audio_flow_matching_decoder.* (1)" in err and "flow-matching decoder" in err
+    code, out, err = omni(
+        str(tmp_path / "flow"), "--model", model, "--out", str(tmp_path / "flow-out"), "--partial", capsys=capsys
+    )
+    assert code == 0 and "not placed: audio_tokenizer.audio_flow_matching_decoder.* (1)" in out, err
+
+    odd = released_state()
     odd["audio_head.heads.0.weights"] = odd.pop("audio_head.heads.0.weight")
     code, _, err = run(odd, "odd", model)
     assert code == 2 and "no place in our model: audio_head.heads.0.weights" in err
 
-    short = released_state(with_decoder=False)
+    short = released_state()
     short["model.layers.0.self_attn.W_pack.weight"] = short["model.layers.0.self_attn.W_pack.weight"][:-HD]
     code, _, err = run(short, "short", model)
     assert code == 2 and "W_pack.weight has 112 rows" in err and "need 128" in err
 
-    shape = released_state(with_decoder=False)
+    shape = released_state()
     shape["audio_head.heads.2.bias"] = torch.zeros(3)
     code, _, err = run(shape, "shape", model)
     assert code == 2 and "audio_head.classifiers.2.bias: (3,) vs model (17,)" in err
+
+    kernel = released_state()  # a release whose decoder kernel is not the config's
+    kernel["audio_tokenizer.audio_decoder.dconv1.conv.weight"] = torch.zeros(A_W, A_W, 6)
+    code, _, err = run(kernel, "kernel", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "audio_tokenizer.decoder.dconv1.conv.weight: (32, 32, 6) vs model (32, 32, 8)" in err
 
     code, _, err = run(released_state(), "tiny", "tiny")  # our default head is not the released one
     assert code == 2 and "does not build the released structure: audio_head.norm is 'layer' (released: 'rms')" in err
@@ -376,7 +531,9 @@ def test_mistakes_are_one_line_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_the_shipped_release_config_builds_the_released_structure() -> None:
-    from trainer.release import release_mismatches
+    from trainer.release import release_decoder, release_mismatches
 
-    assert release_mismatches(load_model_config("baichuan-omni-1.5")) == []
+    full = load_model_config("baichuan-omni-1.5")
+    assert release_mismatches(full) == [] and release_decoder(full)
     assert release_mismatches(load_model_config("tiny"))  # tiny and mid keep today's head
+    assert not release_decoder(load_model_config("tiny")) and not release_decoder(load_model_config("mid"))

@@ -177,7 +177,7 @@ class AudioTokenizerTraining(nn.Module):
                 self.step += 1
         else:
             use_vq = torch.ones(b, dtype=torch.bool, device=h.device)
-        coarse, refined = tok.decoder(torch.where(use_vq[:, None, None], q, h))
+        coarse, refined = tok.decoder(torch.where(use_vq[:, None, None], q, h), frames)
 
         length = min(coarse.shape[-1], target_mel.shape[-1])
         target = target_mel[..., :length]

@@ -367,8 +367,8 @@ def length_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
 def tokenizer_condition(tokenizer: nn.Module, whisper_mel: torch.Tensor, mel_len: torch.Tensor) -> torch.Tensor:
     """Frozen tokenizer: Whisper mel ``[B,128,T]`` → codes → decoder hidden states ``[B, d_model, 8N]``
     (``AudioTokenizer.tokenize`` then ``decoder_states``, the path generation takes from sampled codes)."""
-    codes, _ = tokenizer.tokenize(whisper_mel, mel_len)
-    hidden, _ = tokenizer.decoder_states(codes)
+    codes, frames = tokenizer.tokenize(whisper_mel, mel_len)
+    hidden, _ = tokenizer.decoder_states(codes, frames)
     return hidden.transpose(1, 2)
 
 

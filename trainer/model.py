@@ -282,19 +282,22 @@ class AudioDecoder(nn.Module):
         dims = [n_mels] + [ch] * (n - 1) + [n_mels]
         self.refine = nn.ModuleList(nn.Conv1d(dims[i], dims[i + 1], 5, padding=2) for i in range(n))
 
-    def forward(self, quantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, N, d*k]
+    def forward(
+        self, quantized: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, N, d*k]
         return self.mels(self.hidden(quantized))
 
-    def hidden(self, quantized: torch.Tensor) -> torch.Tensor:
-        """``[B, N, d*k]`` → ``[B, 2k·N, d]``: the hidden states after the last 2× upsampling, before ``to_mel``."""
+    def hidden(self, quantized: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, d*k]`` → ``[B, 2k·N, d]``: the hidden states after the last 2× upsampling, before ``to_mel``.
+        ``lengths`` (valid frames per row) is unused: every op is causal or frame-local, padding trails."""
         h = self.up(quantized.transpose(1, 2)).transpose(1, 2)
         causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
         for layer in self.layers:
             h = layer(h, src_mask=causal, is_causal=True)
         return self.up2(h.transpose(1, 2)).transpose(1, 2)
 
-    def mels(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states ``[B, 8N, d]`` → coarse and refined mel ``[B, n_mels, 8N]``."""
+    def mels(self, h: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``[B, 8N, d]`` → coarse and refined mel ``[B, n_mels, 8N]`` (``lengths`` unused)."""
         coarse = self.to_mel(h).transpose(1, 2)  # [B, n_mels, 8N]
         refined = coarse
         for i, conv in enumerate(self.refine):
@@ -302,6 +305,204 @@ class AudioDecoder(nn.Module):
             if i < len(self.refine) - 1:
                 refined = torch.tanh(refined)
         return coarse, coarse + refined
+
+
+def _valid(lengths: torch.Tensor | None, t: int, device: torch.device) -> torch.Tensor | None:
+    """``[B, 1, t]`` bool of each row's first ``lengths[b]`` frames (None: every frame is valid)."""
+    if lengths is None:
+        return None
+    return (torch.arange(t, device=device)[None, :] < lengths.to(device)[:, None]).unsqueeze(1)
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``norm`` on ``x [B, C, T]`` with statistics over the ``valid [B, 1, T]`` frames only (None: all, plain
+    GroupNorm), so a clip in a padded batch normalises as it does alone."""
+    if valid is None:
+        return norm(x)
+    b, c, t = x.shape
+    g = norm.num_groups
+    xg = x.float().view(b, g, c // g, t)
+    m = valid.float().view(b, 1, 1, t)
+    n = (m.sum((2, 3), keepdim=True) * (c // g)).clamp(min=1.0)
+    mean = (xg * m).sum((2, 3), keepdim=True) / n
+    var = ((xg - mean).pow(2) * m).sum((2, 3), keepdim=True) / n
+    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(b, c, t).to(x.dtype)
+    return y * norm.weight[None, :, None] + norm.bias[None, :, None]
+
+
+def _sinusoids(length: int, channels: int) -> torch.Tensor:
+    """Whisper's sinusoidal positions ``[length, channels]`` (sin half, then cos half)."""
+    step = math.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float32))
+    arg = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class CausalUpsample(nn.Module):
+    """ConvTranspose1d (kernel ``k``, stride ``s``) → GroupNorm(1) over the untrimmed output → the last
+    ``k - s`` frames cut, so ``L`` frames become ``s·L`` and frame ``t`` depends on inputs ``≤ t / s``
+    (the norm's statistics excepted). Names as released: ``conv``, ``norm``."""
+
+    def __init__(self, channels_in: int, channels_out: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        if kernel < stride:
+            raise ValueError(f"audio.decoder.kernel_size {kernel} must be at least the stride {stride}")
+        self.conv = nn.ConvTranspose1d(channels_in, channels_out, kernel, stride)
+        self.norm = nn.GroupNorm(1, channels_out)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x [B, C, L]`` (zeros past ``lengths``) → ``[B, C', s·L]`` (zeros past ``s·lengths``), ``s·lengths``."""
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        y = self.conv(x)
+        full = None if lengths is None else (lengths - 1) * s + k  # a clip's untrimmed output alone
+        y = _group_norm(self.norm, y, _valid(full, y.shape[-1], y.device))
+        y = y[..., : y.shape[-1] - (k - s)]
+        out = None if lengths is None else lengths * s
+        valid = _valid(out, y.shape[-1], y.device)
+        return (y if valid is None else y * valid.to(y.dtype)), out
+
+
+class ReleaseAttention(nn.Module):
+    """Causal multi-head self-attention with Whisper's projections: biased q, v and out, unbiased k."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d]
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+class ReleaseDecoderLayer(nn.Module):
+    """Pre-LayerNorm causal transformer layer (exact GELU FFN), the released decoder's; names as released."""
+
+    def __init__(self, d: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn = ReleaseAttention(d, heads)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class MelRefiner(nn.Module):
+    """The released post-net: ``layers - 1`` × (Conv1d k5 → GroupNorm(1) → Mish), a 1×1 conv back to the
+    mel bins, added to its input. ``layers`` is an ``nn.Sequential`` as released (Mish at 2, 5, ...)."""
+
+    def __init__(self, n_mels: int, channels: int, n_layers: int) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        ch = n_mels
+        for _ in range(n_layers - 1):
+            mods += [nn.Conv1d(ch, channels, 5, padding=2), nn.GroupNorm(1, channels), nn.Mish()]
+            ch = channels
+        mods.append(nn.Conv1d(ch, n_mels, 1))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, coarse: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:  # [B, n_mels, T]
+        h = coarse
+        for mod in self.layers:
+            if isinstance(mod, nn.GroupNorm):
+                h = _group_norm(mod, h, valid)
+            else:
+                h = mod(h)
+                if isinstance(mod, nn.Mish) and valid is not None:
+                    h = h * valid.to(h.dtype)  # the next conv sees zeros past the clip, as alone
+        out = coarse + h
+        return out if valid is None else out * valid.to(out.dtype)
+
+
+class ReleaseAudioDecoder(nn.Module):
+    """The released reconstruction decoder (``audio.decoder.layout: release``), our implementation of the
+    released ``OmniAudioDecoder`` with its parameter names, so ``omni import`` maps it by name:
+
+    ``proj_decoder`` (Linear d·k → d, the release keeps it in its bridge) → ``dconv1`` (``CausalUpsample``
+    ×k) → + sinusoid positions (a stored ``[max_positions, d]`` buffer) → causal pre-LN layers →
+    ``layer_norm`` → ``dconv2`` (×2 to the mel bins: the coarse mel) → ``post_net`` (refined mel).
+
+    Same contract as ``AudioDecoder``: ``forward(quantized) -> (coarse, refined)`` ``[B, n_mels, 2k·N]``,
+    ``hidden`` / ``mels``. One difference in where the hidden state is taken: ``hidden`` gives the states
+    *before* ``dconv2`` (the release's ``hidden_states_before_dconv2``, at k·N frames, 50 Hz) each repeated
+    twice, i.e. the nearest-neighbour resampling to the mel frame rate that the released flow-matching
+    pre-net applies, so the flow condition stays ``[B, 2k·N, d]`` frame-aligned with the mel; ``mels``
+    reads every second frame back. The release resamples the coarse mel to its vocoder's frame rate
+    before the post-net; ours keeps the coarse rate (the same when that rate is 100 Hz).
+
+    ``lengths`` (valid 12.5 Hz frames per row; None: all) makes a padded batch give each clip what it gives
+    alone (GroupNorm statistics over valid frames, zeros past them); the release's own GroupNorms count a
+    batch's padding, so it equals ours for each clip alone."""
+
+    def __init__(
+        self,
+        d_model: int,
+        downsample: int,
+        layers: int,
+        heads: int,
+        ffn: int,
+        n_mels: int,
+        refine: dict,
+        kernel_size: int,
+        max_positions: int,
+    ) -> None:
+        super().__init__()
+        self.proj_decoder = nn.Linear(d_model * downsample, d_model)
+        self.dconv1 = CausalUpsample(d_model, d_model, kernel_size, downsample)
+        self.register_buffer("positional_embedding", _sinusoids(max_positions, d_model))
+        self.layers = nn.ModuleList(ReleaseDecoderLayer(d_model, heads, ffn) for _ in range(layers))
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.dconv2 = CausalUpsample(d_model, n_mels, kernel_size, 2)
+        self.post_net = MelRefiner(n_mels, refine.get("channels", 256), refine.get("layers", 5))
+
+    def forward(
+        self, quantized: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [B, N, d*k]
+        return self.mels(self.hidden(quantized, lengths), lengths)
+
+    def _before_dconv2(self, quantized: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        x = self.proj_decoder(quantized)  # [B, N, d]
+        valid = _valid(lengths, x.shape[1], x.device)
+        if valid is not None:
+            x = x * valid.transpose(1, 2).to(x.dtype)
+        h, _ = self.dconv1(x.transpose(1, 2), lengths)
+        h = h.transpose(1, 2)  # [B, kN, d]
+        if h.shape[1] > self.positional_embedding.shape[0]:
+            limit = self.positional_embedding.shape[0]
+            raise ValueError(f"{h.shape[1]} decoder frames: more than the {limit} stored positions")
+        h = (h.float() + self.positional_embedding[: h.shape[1]].float()).to(h.dtype)
+        for layer in self.layers:
+            h = layer(h)
+        return self.layer_norm(h)
+
+    def hidden(self, quantized: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, d*k]`` → ``[B, 2k·N, d]``: the states before ``dconv2`` (k·N frames), each repeated twice."""
+        return self._before_dconv2(quantized, lengths).repeat_interleave(2, dim=1)
+
+    def mels(self, h: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states ``[B, 2k·N, d]`` (``hidden``'s) → coarse and refined mel ``[B, n_mels, 2k·N]``."""
+        h = h[:, ::2]  # the k·N states before dconv2
+        k = None if lengths is None else lengths * self.dconv1.conv.stride[0]
+        valid = _valid(k, h.shape[1], h.device)
+        if valid is not None:
+            h = h * valid.transpose(1, 2).to(h.dtype)
+        coarse, frames = self.dconv2(h.transpose(1, 2), k)
+        return coarse, self.post_net(coarse, _valid(frames, coarse.shape[-1], coarse.device))
+
+
+def decoder_positions(audio_cfg: dict[str, Any]) -> int:
+    """The release-layout decoder's stored positions: a chunk's mel frames (30 s at hop 160: 3000)."""
+    seconds, rate = int(audio_cfg.get("chunk_seconds", 30)), int(audio_cfg.get("sample_rate", 16000))
+    return seconds * rate // int(audio_cfg.get("hop_length", 160))
 
 
 class AudioTokenizer(nn.Module):
@@ -329,15 +530,31 @@ class AudioTokenizer(nn.Module):
         self.bridge = AudioBridge(wcfg.d_model, self.downsample, bool((cfg.get("bridge") or {}).get("bias", True)))
         self.quantizer = ResidualVQ(list(cfg["codebook_sizes"]), wcfg.d_model * self.downsample)
         dec = cfg.get("decoder", {})
-        self.decoder = AudioDecoder(
-            wcfg.d_model,
-            self.downsample,
-            dec.get("layers", 8),
-            dec.get("heads", enc["encoder_attention_heads"]),
-            dec.get("ffn", enc["encoder_ffn_dim"]),
-            dec.get("n_mels", 80),
-            dec.get("refine", {}),
-        )
+        layout = dec.get("layout", "default")
+        if layout == "default":
+            self.decoder = AudioDecoder(
+                wcfg.d_model,
+                self.downsample,
+                dec.get("layers", 8),
+                dec.get("heads", enc["encoder_attention_heads"]),
+                dec.get("ffn", enc["encoder_ffn_dim"]),
+                dec.get("n_mels", 80),
+                dec.get("refine", {}),
+            )
+        elif layout == "release":  # the released OmniAudioDecoder's structure and names (trainer/release.py)
+            self.decoder = ReleaseAudioDecoder(
+                wcfg.d_model,
+                self.downsample,
+                dec.get("layers", 8),
+                dec.get("heads", enc["encoder_attention_heads"]),
+                dec.get("ffn", enc["encoder_ffn_dim"]),
+                dec.get("n_mels", 80),
+                dec.get("refine", {}),
+                int(dec.get("kernel_size", 2 * self.downsample)),
+                int(dec.get("max_positions", decoder_positions(cfg))),
+            )
+        else:
+            raise ValueError(f"audio.decoder.layout must be default or release, not {layout!r}")
 
     def encode(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whisper's encoder over zero-padded mel chunks ``[B, n_mels, T]`` with their true ``lengths``.
@@ -373,12 +590,16 @@ class AudioTokenizer(nn.Module):
         return codes * valid.unsqueeze(-1), frames
 
     @torch.no_grad()
-    def decoder_states(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[B, N, n_q]`` → the decoder's hidden states ``[B, 8N, d_model]`` (after the 2× upsampling,
-        before ``to_mel``) and its refined mel ``[B, n_mels, 8N]``: the flow decoder's condition."""
+    def decoder_states(
+        self, codes: torch.Tensor, frames: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[B, N, n_q]`` → the decoder's hidden states ``[B, 8N, d_model]`` (default layout: after the
+        2× upsampling, before ``to_mel``; release layout: the states before ``dconv2``, each repeated twice)
+        and its refined mel ``[B, n_mels, 8N]``: the flow decoder's condition. ``frames``: valid frames per
+        row of a padded batch (the release layout's GroupNorms then count each clip's own frames)."""
         q = self.quantizer.dequantize(codes).to(self.bridge.norm.weight.dtype)
-        hidden = self.decoder.hidden(q)
-        return hidden, self.decoder.mels(hidden)[1]
+        hidden = self.decoder.hidden(q, frames)
+        return hidden, self.decoder.mels(hidden, frames)[1]
 
     @torch.no_grad()
     def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:

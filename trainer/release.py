@@ -6,7 +6,10 @@ LLM, and in how the audio head stores its per-codebook FFN. Every transform belo
 concatenation, a reshape/permute or a rename: no value changes, so release → ours → release is
 bit-exact. Structural differences are settings of our model (``conf/models/baichuan-omni-1.5.yaml``):
 ``audio_head: {norm: rms, bias: true, ffn_residual: normed, hidden_input: first, unused_ffn_bias: true}``
-and ``audio: {bridge: {bias: false}}``; ``release_mismatches`` names the ones a config gets wrong.
+and ``audio: {bridge: {bias: false}}``; ``release_mismatches`` names the ones a config gets wrong. The
+released reconstruction decoder is a layout of ours, ``audio: {decoder: {layout: release}}``
+(``trainer/model.py`` ``ReleaseAudioDecoder``, with the released parameter names); with our default
+layout the decoder rows below have no place.
 
 Sizes: ``d`` LLM width (3584), ``H``/``K`` query/key-value heads (28/4), ``hd`` head dim (128), ``I`` FFN
 (18944), ``V`` vocabulary (152064), ``e`` ViT width (1280), ``n_q`` codebooks (8) of sizes ``s_j``,
@@ -73,26 +76,51 @@ Audio tokenizer, ``audio_tokenizer.`` +         shape              ours (``audio
 ``audio_bridge_model.vq_list.{j}.codebook.embed_avg``     [s_j, A]  ``quantizer.layers.{j}.embed_avg``
 ``audio_bridge_model.vq_list.{j}.codebook.cluster_size``  [s_j]     ``quantizer.layers.{j}.cluster_size``
 
+Reconstruction decoder (``audio.decoder.layout: release`` only; ``k`` the decoder kernel, ``audio.decoder.
+kernel_size``; ``P`` the stored positions, a chunk's mel frames: 3000; ``c`` post-net channels, ``n_m``
+80 mel bins; every name keeps its tail: ``audio_decoder.{rest}`` is ``decoder.{rest}``)
+``audio_bridge_model.proj_decoder.{weight,bias}``  [a, A], [a]    ``decoder.proj_decoder.*`` (the release keeps
+                                                                  it in its bridge; ours in the decoder)
+``audio_decoder.dconv1.conv.{weight,bias}``    [a, a, k], [a]     ``decoder.dconv1.conv.*`` (ConvTranspose1d, stride 4)
+``audio_decoder.dconv1.norm.{weight,bias}``    [a]                ``decoder.dconv1.norm.*`` (GroupNorm(1))
+``audio_decoder.positional_embedding``         [P, a] buffer      ``decoder.positional_embedding`` (sinusoids)
+``audio_decoder.layers.{i}.self_attn.k_proj.weight``  [a, a]      ``decoder.layers.{i}.self_attn.k_proj.weight`` (no
+                                                                  bias)
+``audio_decoder.layers.{i}.self_attn.{q,v,out}_proj.{weight,bias}``  [a, a], [a]  ``decoder.layers.{i}.self_attn.*``
+``audio_decoder.layers.{i}.{self_attn_layer_norm,final_layer_norm}.{weight,bias}``  [a]  ``decoder.layers.{i}.*``
+``audio_decoder.layers.{i}.fc1.{weight,bias}`` [f, a], [f]        ``decoder.layers.{i}.fc1.*`` (fc2: [a, f], [a])
+``audio_decoder.layer_norm.{weight,bias}``     [a]                ``decoder.layer_norm.*``
+``audio_decoder.dconv2.conv.{weight,bias}``    [a, n_m, k], [n_m] ``decoder.dconv2.conv.*`` (stride 2)
+``audio_decoder.dconv2.norm.{weight,bias}``    [n_m]              ``decoder.dconv2.norm.*``
+``audio_decoder.post_net.layers.{3j}.{weight,bias}``  [c, n_m or c, 5], [c]  ``decoder.post_net.layers.{3j}.*``
+                                                                  (conv j; ``{3j+1}``: its GroupNorm [c]; Mish between)
+``audio_decoder.post_net.layers.{3J}.{weight,bias}``  [n_m, c, 1], [n_m]  the same (the 1×1 projector, J = layers - 1)
+
 Not placed (``UNPLACED``; strict import stops on them, ``--partial`` loads the rest and lists them):
 
-- ``audio_tokenizer.audio_bridge_model.proj_decoder.{weight,bias}`` [a, A], [a] and the whole reconstruction
-  decoder ``audio_tokenizer.audio_decoder.*``: ``dconv1`` (ConvTranspose1d a→a, stride 4, + GroupNorm(1),
-  causal trim), a [3000, a] sinusoid buffer, 8 causal Whisper-style layers (no k bias), ``layer_norm``,
-  ``dconv2`` (ConvTranspose1d a→80, stride 2, + GroupNorm) and ``post_net`` (4 × Conv1d k5 + GroupNorm +
-  Mish, then a 1×1 conv). Ours (``audio_tokenizer.decoder.*``, trained by stage 0.1) is another network:
-  ConvTranspose from A without ``proj_decoder``, ``nn.TransformerEncoderLayer`` (fused biased QKV, no
-  positions), a ``to_mel`` Linear and a tanh conv refiner. Our decoder keeps its own weights on a
-  ``--partial`` import.
+- with our default decoder layout, ``proj_decoder`` and ``audio_decoder.*`` above. Our default decoder
+  (``audio_tokenizer.decoder.*``, trained by stage 0.1) is another network: ConvTranspose from A without
+  ``proj_decoder``, ``nn.TransformerEncoderLayer`` (fused biased QKV, no positions), a ``to_mel`` Linear
+  and a tanh conv refiner; it keeps its own weights on a ``--partial`` import.
 - ``audio_tokenizer.audio_flow_matching_decoder.*`` (prenet + U-Net estimator): our flow decoder is a
-  separate stage-0.2 module (trainer/flow_decoder.py), not part of this model.
+  separate stage-0.2 module (trainer/flow_decoder.py), not part of this model, and another network: the
+  release conditions on the 50 Hz states before ``dconv2`` through a pre-net (MLP 1280→2048→512, 12
+  causal RMSNorm Whisper-style layers, RMSNorm, unbiased Linear→80) where ours has a 1×1 ``cond_proj``;
+  its estimator is causal (left-padded convs, LayerNorm-over-channels blocks, diffusers-style attention
+  with separate ``to_q/to_k/to_v``, one U-Net level ``[256]``, input ``[x_t, mu]`` without prompt
+  channels) where ours is symmetric (GroupNorm blocks, fused ``to_qkv``); and it makes 50 Hz mels (24 kHz,
+  hop 480) for a vocoder the checkpoint does not hold, ours 100 Hz mels for stage 0.3's HiFi-GAN.
 
 Forward equivalence: the LLM layer is Qwen2's (RoPE with ``rotate_half``, GQA, biased q/k/v, unbiased
 o_proj, SiLU-gated MLP, RMSNorm), which is the released ``DecoderLayer`` with ``W_pack`` split; the audio
 head with the settings above computes the released ``OmniAudioHead`` (``tests/test_release_layout.py``
 checks both against independent re-implementations of the released forward); the encoder layers are
-HF Whisper's, the released ``OmniWhisperTransformerLayer`` math. Ours → release writes the same table
-backwards; our decoder and, for a non-matching config, our extra tensors (e.g. bridge biases) have no
-released place.
+HF Whisper's, the released ``OmniWhisperTransformerLayer`` math; ``ReleaseAudioDecoder`` computes the
+released ``OmniAudioDecoder`` for a clip alone (the test checks it against an independent re-implementation;
+in a padded batch its GroupNorms count each clip's frames, the release's the batch's padding too; its
+post-net runs at the coarse mel's 100 Hz, the release's resamples to its vocoder_config rate first).
+Ours → release writes the same table backwards; our default decoder and, for a non-matching config,
+our extra tensors (e.g. bridge biases) have no released place.
 """
 
 from __future__ import annotations
@@ -188,6 +216,14 @@ RENAMES: list[tuple[str, str]] = [  # (released, ours); {i} an index, {rest} any
     ),
 ]
 
+# the reconstruction decoder: placed only when the model config builds the released one
+# (``audio.decoder.layout: release``: trainer/model.py ReleaseAudioDecoder, the released parameter names)
+DECODER_RENAMES: list[tuple[str, str]] = [
+    ("audio_tokenizer.audio_bridge_model.proj_decoder.weight", "audio_tokenizer.decoder.proj_decoder.weight"),
+    ("audio_tokenizer.audio_bridge_model.proj_decoder.bias", "audio_tokenizer.decoder.proj_decoder.bias"),
+    ("audio_tokenizer.audio_decoder.{rest}", "audio_tokenizer.decoder.{rest}"),
+]
+
 W_PACK = re.compile(r"model\.layers\.(\d+)\.self_attn\.W_pack\.(weight|bias)")
 QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 LINEAR = re.compile(r"audio_head\.transformer_layers\.(\d+)\.linear([12])\.weight")
@@ -201,6 +237,8 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 _FORWARD = [(_pattern(r), o) for r, o in RENAMES]
 _BACKWARD = [(_pattern(o), r) for r, o in RENAMES]
+_DEC_FORWARD = [(_pattern(r), o) for r, o in DECODER_RENAMES]
+_DEC_BACKWARD = [(_pattern(o), r) for r, o in DECODER_RENAMES]
 
 
 def _rename(name: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -239,6 +277,26 @@ def llm_dims(model_cfg: Mapping[str, Any]) -> tuple[int, int, int, int]:
 
 def _n_q(model_cfg: Mapping[str, Any]) -> int:
     return len((model_cfg.get("audio") or {}).get("codebook_sizes") or [])
+
+
+def release_decoder(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether the model config builds the released reconstruction decoder (``audio.decoder.layout: release``)."""
+    return ((model_cfg.get("audio") or {}).get("decoder") or {}).get("layout", "default") == "release"
+
+
+def ours_unplaced(model_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """Prefixes of our tensors that have no released place under ``model_cfg`` (our default decoder's)."""
+    return () if release_decoder(model_cfg) else OURS_UNPLACED
+
+
+def _decoder_hint(names: list[str], model_cfg: Mapping[str, Any]) -> str:
+    decoder = ("audio_tokenizer.decoder.", "audio_tokenizer.audio_decoder.", UNPLACED[0])
+    hint = ""
+    if not release_decoder(model_cfg) and any(n.startswith(decoder) for n in names):
+        hint += " (audio.decoder.layout: release builds the released reconstruction decoder)"
+    if any(n.startswith(UNPLACED[2]) for n in names):
+        hint += " (the released flow-matching decoder is another network than stage 0.2's: trainer/release.py)"
+    return hint
 
 
 def release_mismatches(model_cfg: Mapping[str, Any]) -> list[str]:
@@ -293,6 +351,7 @@ def map_release_to_ours(
     the released names with no place. Values are views of the inputs (split/permute), never changed."""
     dims = llm_dims(model_cfg)
     d, n_q = dims[0], _n_q(model_cfg)
+    with_decoder = release_decoder(model_cfg)
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, list[str]] = {}
     unplaced: list[str] = []
@@ -311,6 +370,8 @@ def map_release_to_ours(
                 raise ReleaseLayoutError(f"{name} has shape {tuple(t.shape)}: not [F, {n_q}·{d}]")
         else:
             ours = _rename(name, _FORWARD)
+            if ours is None and with_decoder:
+                ours = _rename(name, _DEC_FORWARD)
             if ours is None:
                 unplaced.append(name)
                 continue
@@ -327,6 +388,7 @@ def map_ours_to_release(
     """``(released, unplaced)``: the released names and tensors for our ``state``, and our names with no
     released place. q/k/v are fused into ``W_pack`` only when all three of a layer are there."""
     _, heads, kv, hd = llm_dims(model_cfg)
+    with_decoder = release_decoder(model_cfg)
     out: dict[str, torch.Tensor] = {}
     unplaced: list[str] = []
     qkv: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
@@ -343,6 +405,8 @@ def map_ours_to_release(
             out[f"audio_head.transformer_layers.{layer}.linear{'1' if which == 'w_in' else '2'}.weight"] = fused
         else:
             rel = _rename(name, _BACKWARD)
+            if rel is None and with_decoder:
+                rel = _rename(name, _DEC_BACKWARD)
             if rel is None:
                 unplaced.append(name)
             else:
@@ -367,7 +431,7 @@ def release_name(ours: str) -> str | None:
         return f"model.layers.{m.group(1)}.self_attn.W_pack.{m.group(3)}"
     if m := DEPTH_W.fullmatch(ours):
         return f"audio_head.transformer_layers.{m.group(1)}.linear{'1' if m.group(2) == 'w_in' else '2'}.weight"
-    return _rename(ours, _BACKWARD)
+    return _rename(ours, _BACKWARD) or _rename(ours, _DEC_BACKWARD)
 
 
 def release_to_ours(
@@ -379,6 +443,7 @@ def release_to_ours(
     if unplaced and not partial:
         raise ReleaseLayoutError(
             f"{len(unplaced)} released tensors have no place in our model: {_summary(unplaced, UNPLACED)}"
+            + _decoder_hint(unplaced, model_cfg)
         )
     return out
 
@@ -392,6 +457,7 @@ def ours_to_release(
     if unplaced and not partial:
         raise ReleaseLayoutError(
             f"{len(unplaced)} of our tensors have no place in the released layout: {_summary(unplaced, OURS_UNPLACED)}"
+            + _decoder_hint(unplaced, model_cfg)
         )
     return out
 
@@ -558,8 +624,9 @@ def import_release(
 ) -> dict[str, Any]:
     """Convert a released checkpoint into ``out_dir/model.pt`` (our full state dict; released tensors as
     stored) + ``done.json``: an export a stage starts from with ``init_from: OUT_DIR``. Strict unless
-    ``partial``: every released tensor must find its place and every tensor of ours (but the
-    reconstruction decoder, which has no released counterpart) must come from the release. Loads
+    ``partial``: every released tensor must find its place and every tensor of ours (but our default
+    reconstruction decoder, which has no released counterpart; ``audio.decoder.layout: release`` builds
+    the released one, which must come from the release) must come from the release. Loads
     through ``trainer.weights.load_into``, which checks names and shapes. Returns ``done.json``."""
     from trainer.weights import load_into
 
@@ -582,9 +649,10 @@ def import_release(
     if unplaced and not partial:
         raise ReleaseLayoutError(
             f"{len(unplaced)} released tensors have no place in our model: {_summary(unplaced, UNPLACED)} "
-            "(--partial loads the rest)"
+            f"(--partial loads the rest){_decoder_hint(unplaced, cfg)}"
         )
-    lacking = sorted({release_name(k) or k for k in own if k not in mapped and not k.startswith(OURS_UNPLACED)})
+    skip = ours_unplaced(cfg)  # our default decoder never comes from the release; the released-layout one does
+    lacking = sorted({release_name(k) or k for k in own if k not in mapped and not (skip and k.startswith(skip))})
     if lacking and not partial:
         more = f" (+{len(lacking) - 8} more)" if len(lacking) > 8 else ""
         raise ReleaseLayoutError(
@@ -595,7 +663,7 @@ def import_release(
         w = mapped["lm_head.weight"]
         mapped["lm_head.weight"] = torch.nn.functional.normalize(w.float(), dim=-1).to(w.dtype)
         notes.append("lm_head rows L2-normalised (the release's use_norm_head)")
-    # completeness is checked above (our decoder never comes from the release); names and shapes here
+    # completeness is checked above (our default decoder never comes from the release); names and shapes here
     load_into(model, mapped, strict=False, what=f"the weights of {release_dir}")
     kept = sorted(k for k in own if k not in mapped)
     out = Path(out_dir)
@@ -666,7 +734,7 @@ def export_release(
     if unplaced and not partial:
         raise ReleaseLayoutError(
             f"{len(unplaced)} of our tensors have no place in the released layout: "
-            f"{_summary(unplaced, OURS_UNPLACED)} (--partial writes the rest)"
+            f"{_summary(unplaced, OURS_UNPLACED)} (--partial writes the rest){_decoder_hint(unplaced, cfg)}"
         )
     out = Path(out_dir)
     if out.is_dir() and any(out.glob("*.safetensors*")):
