@@ -123,6 +123,9 @@ def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = 
         ray.init(address=address, log_to_driver=log_to_driver, **quiet)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not verbose:  # Ray >= 2.60 turns token authentication on for a local Ray (its token in ~/.ray/auth_token,
+        # generated once) and warns that it did on every start; it stays on, the warning goes
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     dashboard = dashboard or bool(settings.get("dashboard", False))
     context = ray.init(
         address="local",
@@ -131,13 +134,24 @@ def init_ray(settings: dict[str, Any], verbose: bool = False, dashboard: bool = 
         object_store_memory=parse_size(settings.get("object_store_memory", "1GB")),
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
+        dashboard_port=int(settings.get("dashboard_port", 8265)),
         _node_ip_address="127.0.0.1",
         log_to_driver=log_to_driver,
         **quiet,
     )
     if dashboard:
         url = context.dashboard_url or "127.0.0.1:8265"
-        print(f"omni: Ray dashboard at http://{url.removeprefix('http://')}", flush=True)
+        token = " (sign in with the token `ray get-auth-token` prints)" if _token_auth() else ""
+        print(f"omni: Ray dashboard at http://{url.removeprefix('http://')}{token}", flush=True)
+
+
+def _token_auth() -> bool:
+    """Whether this Ray wants its token (Ray >= 2.52; its module is private, so an older Ray says no)."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return False
+    return is_token_auth_enabled()
 
 
 def pool_sizes(res: Resources, share: float, cluster_gpus: float) -> tuple[int, int]:

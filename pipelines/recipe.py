@@ -166,6 +166,8 @@ SCHEMA: dict[str, dict[str, Kind]] = {
         "object_store_memory": "size",
         "address": "text",
         "log_to_driver": "bool",
+        "dashboard": "bool",  # a local Ray's dashboard on 127.0.0.1 (as --dashboard)
+        "dashboard_port": "count",
         "ray_progress_bars": "bool",
         "max_block_bytes": "size",
     },
