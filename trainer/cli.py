@@ -199,15 +199,31 @@ def _cmd_train_all(args: argparse.Namespace) -> int:
 
 
 def _load_generator(args: argparse.Namespace):
+    """``OmniGenerator.from_run`` for a run directory; trainer.export's ``load_generator`` for an ``omni
+    export`` directory (a config.json), its flow decoder and vocoder from ``--flow`` / ``--vocoder`` or
+    the run it was exported from."""
     import torch
 
+    from trainer.export import ExportError, load_generator, read_config
     from trainer.generate import GenerationError, OmniGenerator
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise _user_error(f"--device {args.device}: no CUDA device here")
     try:
-        return OmniGenerator.from_run(args.run_dir, stage=args.stage, device=args.device)
-    except GenerationError as e:
+        if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
+            if args.flow or args.vocoder:
+                raise _user_error(
+                    f"--flow / --vocoder go with an export directory; {args.run_dir} is a run directory "
+                    "(its own stages 0.2 and 0.3 are used)"
+                )
+            return OmniGenerator.from_run(args.run_dir, stage=args.stage, device=args.device)
+        exported = (read_config(args.run_dir).get("omni_stage") or {}).get("stage")
+        if args.stage is not None and args.stage != exported:
+            raise _user_error(f"--stage {args.stage}: {args.run_dir} is an export of stage {exported}")
+        return load_generator(
+            args.run_dir, flow=args.flow, vocoder=args.vocoder, device=args.device, require_audio=True
+        )
+    except (GenerationError, ExportError) as e:
         raise _user_error(str(e)) from e
 
 
@@ -358,8 +374,21 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="training run directory (holds <stage>/final/, 0.2/final/, 0.3/final/)")
+    p.add_argument(
+        "run_dir",
+        help="training run directory (holds <stage>/final/, 0.2/final/, 0.3/final/), or an omni export of an LLM stage",
+    )
     p.add_argument("--stage", help="LLM stage to load (default: the latest finished one)")
+    p.add_argument(
+        "--flow",
+        metavar="DIR",
+        help="with an export: stage 0.2's export or stage directory (default: the exported run's 0.2)",
+    )
+    p.add_argument(
+        "--vocoder",
+        metavar="DIR",
+        help="with an export: stage 0.3's export or stage directory (default: the exported run's 0.3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-frames", type=int, default=750, help="most 12.5 Hz frames per speech part (default 750)")
     p.add_argument("--min-frames", type=int, default=0, help="frames before end-of-audio is allowed (default 0)")
@@ -396,7 +425,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     estimate_arguments(a)
     a.set_defaults(fn=_cmd_train_all)
 
-    s = subparsers.add_parser("speak", help="speak a text with a trained run (24 kHz WAV)")
+    s = subparsers.add_parser("speak", help="speak a text with a trained run or an export (24 kHz WAV)")
     _generation_args(s)
     s.add_argument("--text", required=True, help="what to say")
     s.add_argument("--out", required=True, help="output WAV (16-bit mono, 24 kHz)")

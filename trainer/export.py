@@ -19,17 +19,22 @@ Audio stages (0.1 tokenizer, 0.2 flow decoder, 0.3 vocoder) export their module'
 with a ``config.json`` that has no ``model_type``: transformers cannot load them; ``read_export`` can.
 
 ``OmniModel.from_pretrained(DIR)`` (``load_pretrained`` here) rebuilds the model from ``omni`` and the
-saved tokenizer and loads the shards through ``trainer.weights.load_into(strict=True)``.
+saved tokenizer directly in the requested dtype, checks every name and shape against the shards' headers
+(strict) and loads the shards one at a time through ``trainer.weights.load_into``: about one copy of the
+weights in that dtype plus one shard at the peak. ``load_generator`` (``omni speak`` / ``omni generate``
+on an export) adds stage 0.2's flow decoder and 0.3's vocoder, from their exports or stage directories or
+from the run the export was written from (``omni_stage.source``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -430,11 +435,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of an export (index + shards, or one ``model.safetensors``), each checked to be where
-    the index says and nowhere else."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def weight_files(path: str | os.PathLike) -> list[tuple[Path, dict[str, tuple[tuple[int, ...], str]]]]:
+    """An export's weight files (index + shards, or one ``model.safetensors``) and each one's tensors as
+    ``{name: (shape, safetensors dtype)}``, from the files' headers only (nothing is read); every tensor is
+    checked to be where the index says and nowhere else."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     p = Path(path)
     if (p / INDEX).is_file():
@@ -444,26 +452,50 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         weight_map, files = None, [SINGLE]
     else:
         raise ExportError(f"no {INDEX} or {SINGLE} in {p}")
-    state: dict[str, torch.Tensor] = {}
+    out: list[tuple[Path, dict[str, tuple[tuple[int, ...], str]]]] = []
+    seen: set[str] = set()
     for f in files:
         if not (p / f).is_file():
             raise ExportError(f"{p / INDEX} names {f}, which is missing")
         with safe_open(str(p / f), framework="pt") as sf:
-            keys = set(sf.keys())
+            info = {k: (tuple(sf.get_slice(k).get_shape()), sf.get_slice(k).get_dtype()) for k in sf.keys()}
         if weight_map is not None:
             listed = {k for k, v in weight_map.items() if v == f}
-            if keys != listed:
+            if info.keys() != listed:
                 raise ExportError(f"{p / f} holds other tensors than {INDEX} lists for it")
-        dup = keys & state.keys()
+        dup = info.keys() & seen
         if dup:
             raise ExportError(f"{sorted(dup)[:3]} stored twice in {p}")
-        state.update(load_file(str(p / f)))
+        seen |= info.keys()
+        out.append((p / f, info))
+    return out
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an export (``weight_files``' checks first)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f, _ in weight_files(path):
+        state.update(load_file(str(f)))
     return state
 
 
 def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(config.json, state)`` of any export, audio stages included."""
     return read_config(path), read_state(path)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` while active: modules built inside get their parameters in
+    ``dtype`` directly (buffers created with an explicit dtype keep it)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def load_pretrained(
@@ -473,27 +505,39 @@ def load_pretrained(
 ) -> Any:
     """The ``OmniModel`` of an LLM stage export (``dtype="auto"``: the stored dtype; None: float32).
 
-    Built from ``config.json``'s ``omni`` section and the saved tokenizer (``model.special``), loaded
-    through ``trainer.weights.load_into(strict=True)``, in eval mode."""
+    Built from ``config.json``'s ``omni`` section and the saved tokenizer (``model.special``) directly in
+    ``dtype`` (so a bf16 load never holds an fp32 model), the names and shapes checked against the shards'
+    headers first (``check_fits``, strict), then loaded one shard at a time through
+    ``trainer.weights.load_into``: the most it holds is the model in ``dtype`` plus one shard. In eval mode."""
+    from safetensors.torch import load_file
+
     from trainer.model import build_model
     from trainer.tokenizer import load_tokenizer
-    from trainer.weights import load_into
+    from trainer.weights import check_fits, load_into
 
     p = Path(path)
     doc = read_config(p)
     task = (doc.get("omni_stage") or {}).get("task", "llm")
     if task in AUDIO_TASKS or doc.get("model_type") != "qwen2":
         raise ExportError(f"{p} is an audio stage's export ({task}), not an omni model: read_export gives its weights")
-    state = read_state(p)
+    files = weight_files(p)
+    stored = {k: v for _, info in files for k, v in info.items()}
     tok = load_tokenizer(p)
     if dtype == "auto":
-        dtype = state["model.embed_tokens.weight"].dtype
+        emb = stored.get("model.embed_tokens.weight")
+        if emb is None or emb[1] not in _SAFETENSORS_DTYPES:
+            raise ExportError(f"{p}: no floating model.embed_tokens.weight to take the stored dtype from")
+        dtype = _SAFETENSORS_DTYPES[emb[1]]
     dtype = torch.float32 if dtype is None else dtype
     if isinstance(dtype, str):
         dtype = _target_dtype(dtype)
-    model = build_model(doc["omni"], tok, device=device)
-    load_into(model, state, strict=True, what=f"the export {p}")
-    return model.to(dtype).eval()
+    what = f"the export {p}"
+    with default_dtype(dtype):
+        model = build_model(doc["omni"], tok, device=device, pretrained="none")
+    check_fits(model, {k: torch.empty(shape, device="meta") for k, (shape, _) in stored.items()}, True, what)
+    for f, _ in files:
+        load_into(model, load_file(str(f)), strict=False, what=what)
+    return model.to(dtype).eval()  # what was built in another dtype (rotary inv_freq) as before: all in dtype
 
 
 def _audio_export(path: str | os.PathLike, task: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -504,34 +548,87 @@ def _audio_export(path: str | os.PathLike, task: str) -> tuple[dict[str, Any], d
     return doc, state
 
 
+def _audio_piece(path: str | os.PathLike, task: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(model config, state)`` of stage 0.2 / 0.3 (``task``) from its export or its stage directory
+    (``RUN/0.2`` or ``RUN/0.2/final``)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        doc, state = _audio_export(p, task)
+        return doc["omni"], state
+    final = find_final(p)
+    done = read_done(final)
+    if done.get("task") != task:
+        raise ExportError(f"{p} is not a {task} stage (its task is {done.get('task')})")
+    return done["model_config"], load_stage_state(final)
+
+
+def source_stage(doc: dict[str, Any], stage: str) -> Path | None:
+    """The finished ``stage`` directory of the run an export was written from (``omni_stage.source`` is
+    ``<run>/<stage>/final``), as ``OmniGenerator.from_run`` finds stages 0.2 and 0.3; None if there is none."""
+    from trainer.generate import _finished
+
+    src = (doc.get("omni_stage") or {}).get("source")
+    if not src:
+        return None
+    run = Path(src).parent.parent
+    return run / stage if _finished(run, stage) else None
+
+
 def load_generator(
     path: str | os.PathLike,
     flow: str | os.PathLike | None = None,
     vocoder: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    require_audio: bool = False,
 ) -> Any:
-    """An ``OmniGenerator`` from exports: the LLM stage's ``path``, and the exports of stage 0.2 (``flow``)
-    and 0.3 (``vocoder``) to turn speech codes into waves (without them it decodes text and codes only)."""
-    from trainer.flow_decoder import FlowDecoder, flow_config
-    from trainer.generate import OmniGenerator
+    """An ``OmniGenerator`` from an LLM stage's export ``path`` (in float32) and, to turn speech codes into
+    waves, stage 0.2's flow decoder (``flow``) and stage 0.3's vocoder (``vocoder``): each an export or a
+    stage directory; left out, the finished 0.2 / 0.3 of the run ``path`` was exported from, if it is still
+    there (``source_stage``). Without them it decodes text and codes only; ``require_audio`` makes that an
+    ``ExportError`` (raised before any weights are read)."""
+    from trainer.generate import (
+        FLOW_STAGE,
+        VOCODER_STAGE,
+        GenerationError,
+        OmniGenerator,
+        flow_from_state,
+        vocoder_from_state,
+    )
     from trainer.tokenizer import load_tokenizer
-    from trainer.vocoder import VOCODER_DEFAULTS, HifiGanGenerator
-    from trainer.weights import load_into
 
-    model = load_pretrained(path, device=device)
     doc = read_config(path)
+    task = (doc.get("omni_stage") or {}).get("task", "llm")
+    if task in AUDIO_TASKS or doc.get("model_type") != "qwen2":
+        raise ExportError(f"{path} is an audio stage's export ({task}), not an omni model")
+    stage = (doc.get("omni_stage") or {}).get("stage")
+    try:
+        flow = flow if flow is not None else source_stage(doc, FLOW_STAGE)
+        vocoder = vocoder if vocoder is not None else source_stage(doc, VOCODER_STAGE)
+    except GenerationError as e:
+        raise ExportError(str(e)) from e
+    lacking = [
+        f"{flag} DIR (stage {st}'s export or stage directory)"
+        for flag, st, got in (("--flow", FLOW_STAGE, flow), ("--vocoder", VOCODER_STAGE, vocoder))
+        if got is None
+    ]
+    if require_audio and lacking:
+        where = "the run it was exported from has none" if (doc.get("omni_stage") or {}).get("source") else ""
+        raise ExportError(
+            f"{path} is an export of stage {stage} without a flow decoder and vocoder"
+            f"{' (' + where + ')' if where else ''}: pass {' and '.join(lacking)}"
+        )
+    model = load_pretrained(path, device=device)
     flow_net = voc = None
-    if flow is not None:
-        fdoc, fstate = _audio_export(flow, "flow_decoder")
-        flow_net = FlowDecoder(flow_config(fdoc["omni"]))
-        load_into(flow_net, {k[5:]: v for k, v in fstate.items() if k.startswith("flow.")}, what=f"the flow {flow}")
-    if vocoder is not None:
-        vdoc, vstate = _audio_export(vocoder, "vocoder")
-        voc = HifiGanGenerator({**VOCODER_DEFAULTS, **(vdoc["omni"].get("vocoder") or {})})
-        gen_state = {k[10:]: v for k, v in vstate.items() if k.startswith("generator.")}
-        load_into(voc, gen_state, what=f"the vocoder {vocoder}")
+    try:
+        if flow is not None:
+            fcfg, fstate = _audio_piece(flow, "flow_decoder")
+            flow_net = flow_from_state(fstate, fcfg, flow, model, stage)
+        if vocoder is not None:
+            vcfg, vstate = _audio_piece(vocoder, "vocoder")
+            voc = vocoder_from_state(vstate, vcfg, vocoder)
+    except GenerationError as e:
+        raise ExportError(str(e)) from e
     for m in (flow_net, voc):
         if m is not None:
             m.float().to(device)
-    stage = (doc.get("omni_stage") or {}).get("stage")
     return OmniGenerator(model, load_tokenizer(path), flow_net, voc, doc["omni"], stage)

@@ -212,6 +212,50 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         raise GenerationError(f"cannot load {path}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+def flow_from_state(
+    state: dict[str, torch.Tensor], cfg: dict[str, Any], where: Any, model: Any = None, stage: str | None = None
+) -> nn.Module:
+    """Stage 0.2's flow decoder from its saved state (``flow.*``, and ``tokenizer.*``: the frozen audio
+    tokenizer it was trained on) and its model config; warns when that tokenizer is not ``model``'s (the
+    LLM stage ``stage``'s). Used by ``OmniGenerator.from_run`` and trainer.export's ``load_generator``."""
+    from trainer.flow_decoder import FlowDecoder, flow_config
+
+    try:
+        flow = FlowDecoder(flow_config(cfg))
+        flow.load_state_dict(_prefixed(state, "flow."), strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise GenerationError(f"{where} is no flow decoder for its config: {str(e)[:300]}") from e
+    tok_state = _prefixed(state, "tokenizer.")
+    if tok_state and model is not None:
+        mine = model.audio_tokenizer.state_dict()
+        same = tok_state.keys() == mine.keys() and all(
+            torch.equal(tok_state[k].float(), mine[k].float()) for k in tok_state
+        )
+        if not same:
+            warnings.warn(
+                f"stage {FLOW_STAGE}'s flow decoder was trained on another audio tokenizer than stage {stage}'s",
+                stacklevel=3,
+            )
+    return flow
+
+
+def vocoder_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: Any) -> nn.Module:
+    """Stage 0.3's HiFi-GAN generator from its saved state (``generator.*``; or hifi-gan's
+    ``{"generator": state}``) and its model config, in eval mode."""
+    from trainer.vocoder import VOCODER_DEFAULTS, HifiGanGenerator, _hifigan_keys
+
+    if isinstance(state.get("generator"), dict):
+        state = state["generator"]
+    elif any(k.startswith("generator.") for k in state):
+        state = _prefixed(state, "generator.")
+    try:
+        vocoder = HifiGanGenerator({**VOCODER_DEFAULTS, **(cfg.get("vocoder") or {})})
+        vocoder.load_state_dict(_hifigan_keys(state), strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise GenerationError(f"{where} is no vocoder for its config: {str(e)[:300]}") from e
+    return vocoder.eval()
+
+
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """16-bit PCM mono WAV (stdlib ``wave``); samples clipped to [-1, 1]."""
     pcm = np.round(np.clip(np.asarray(wave, dtype=np.float64), -1.0, 1.0) * 32767.0).astype("<i2")
@@ -312,32 +356,10 @@ class OmniGenerator:
             raise GenerationError(f"{llm_path} does not fit the model config: {str(e)[:300]}") from e
         model.float()
 
-        from trainer.flow_decoder import FlowDecoder, flow_config
-        from trainer.vocoder import load_vocoder
-
         flow_path, flow_done = pieces["flow"]
         voc_path, voc_done = pieces["vocoder"]
-        fstate = _load_state(flow_path)
-        try:
-            flow = FlowDecoder(flow_config(flow_done.get("model_config") or cfg))
-            flow.load_state_dict(_prefixed(fstate, "flow."), strict=True)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise GenerationError(f"{flow_path} is no flow decoder for its config: {str(e)[:300]}") from e
-        tok_state = _prefixed(fstate, "tokenizer.")
-        if tok_state:
-            mine = model.audio_tokenizer.state_dict()
-            same = tok_state.keys() == mine.keys() and all(
-                torch.equal(tok_state[k].float(), mine[k].float()) for k in tok_state
-            )
-            if not same:
-                warnings.warn(
-                    f"stage {FLOW_STAGE}'s flow decoder was trained on another audio tokenizer than stage {stage}'s",
-                    stacklevel=2,
-                )
-        try:
-            vocoder = load_vocoder(voc_path, voc_done.get("model_config") or cfg)
-        except Exception as e:  # torch.load / load_state_dict errors of a foreign or truncated file
-            raise GenerationError(f"{voc_path} is no vocoder for its config: {str(e)[:300]}") from e
+        flow = flow_from_state(_load_state(flow_path), flow_done.get("model_config") or cfg, flow_path, model, stage)
+        vocoder = vocoder_from_state(_load_state(voc_path), voc_done.get("model_config") or cfg, voc_path)
         for m in (model, flow, vocoder):
             m.float().to(device)
         return cls(model, tok, flow, vocoder, cfg, stage)
