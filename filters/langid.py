@@ -32,6 +32,7 @@ Pair it with ``keep`` (``column: lang_score, min: 0.65`` or ``column: lang, valu
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import threading
 from collections.abc import Sequence
@@ -84,11 +85,15 @@ def predict(model, texts: list[str]) -> tuple[list[str], np.ndarray]:
     """(ISO code, probability) of each single-line text, in one batched call."""
     if not texts:
         return [], np.zeros(0, dtype=np.float32)
-    labels, probs = model.predict(texts, k=1)
+    return _top1(model.predict(texts, k=1))
+
+
+def _top1(predicted: tuple[list, list]) -> tuple[list[str], np.ndarray]:
+    labels, probs = predicted
     cut = len(LABEL_PREFIX)
     langs = [lab[0][cut:] if lab else "" for lab in labels]
     scores = np.concatenate(probs).astype(np.float32)  # one probability per text: no per-text Python
-    if len(scores) != len(texts):  # a text without a label: place them one by one
+    if len(scores) != len(labels):  # a text without a label: place them one by one
         scores = np.concatenate([p[:1] if len(p) else np.zeros(1) for p in probs]).astype(np.float32)
     return langs, np.clip(scores, 0.0, 1.0)  # the hierarchical softmax can overshoot 1 by a hair
 
@@ -97,11 +102,44 @@ def predict_top(model, texts: list[str], k: int = TOP_K) -> list[list[tuple[str,
     """The ``k`` best (ISO code, probability) of each single-line text, in one batched call."""
     if not texts:
         return []
-    labels, probs = model.predict(texts, k=k)
+    return _tops(model.predict(texts, k=k))
+
+
+def _tops(predicted: tuple[list, list]) -> list[list[tuple[str, float]]]:
+    labels, probs = predicted
     return [
         [(lab[len(LABEL_PREFIX) :], min(float(p), 1.0)) for lab, p in zip(labs, ps, strict=True)]
         for labs, ps in zip(labels, probs, strict=True)
     ]
+
+
+def fasttext_lines(texts: pa.Array) -> list[bytes]:
+    """Each text as the line ``predict`` reads: newlines and carriage returns made spaces, the final
+    newline ``predict`` appends, UTF-8 bytes (array work, no per-text Python; the model takes bytes)."""
+    one_line = _one_line(texts)
+    lines = pc.binary_join_element_wise(one_line, pa.scalar("\n", one_line.type), pa.scalar("", one_line.type))
+    return lines.cast(pa.large_binary() if pa.types.is_large_string(lines.type) else pa.binary()).to_pylist()
+
+
+def _one_line(texts: pa.Array) -> pa.Array:
+    """``texts`` with every ``\\n`` and ``\\r`` a space: one numpy pass over the string bytes (in UTF-8
+    those two bytes are never part of another character, so the byte swap is the text replace)."""
+    if not pa.types.is_string(texts.type) or texts.buffers()[2] is None:
+        return pc.replace_substring(pc.replace_substring(texts, "\n", " "), "\r", " ")
+    validity, offsets, data = texts.buffers()
+    raw = np.frombuffer(data, dtype=np.uint8)
+    newlines, returns = np.flatnonzero(raw == 0x0A), np.flatnonzero(raw == 0x0D)
+    if not len(newlines) and not len(returns):
+        return texts
+    raw = raw.copy()
+    raw[newlines], raw[returns] = 0x20, 0x20
+    return pa.Array.from_buffers(texts.type, len(texts), [validity, offsets, pa.py_buffer(raw)], offset=texts.offset)
+
+
+def predict_lines(model, lines: list[bytes], k: int = 1) -> tuple[list, list]:
+    """fastText's batched predict on ``fasttext_lines`` output: what ``model.predict(texts, k)`` returns,
+    without its per-text check and copy (the lines are already single, newline-ended)."""
+    return model.f.multilinePredict(lines, k, 0.0, "strict")
 
 
 def lingua_detector(languages: Sequence[str], low_accuracy: bool = False, preload: bool = False) -> Any:
@@ -123,18 +161,22 @@ def _lingua_code(code: str, iso: Any) -> Any:
 
 
 def lingua_scores(detector: Any, texts: list[str]) -> list[dict[str, float]]:
-    """lingua's confidence per language (those above 0.001) of each text."""
+    """lingua's confidence per language (those above 0.001) of each text, in lingua's order."""
     out = []
     for text in texts:
-        values = detector.compute_language_confidence_values(text)
-        out.append(
-            {
-                _LINGUA_TO_LID.get(name, name): v.value
-                for v in values
-                if v.value > 0.001 and (name := v.language.iso_code_639_1.name.lower())
-            }
-        )
+        scores = {}
+        for v in detector.compute_language_confidence_values(text):  # sorted by value, highest first
+            if (value := v.value) <= 0.001:
+                break
+            scores[_lid_code(v.language)] = value
+        out.append(scores)
     return out
+
+
+@functools.cache
+def _lid_code(language: Any) -> str:
+    name = language.iso_code_639_1.name.lower()
+    return _LINGUA_TO_LID.get(name, name)
 
 
 def _pool(top: list[tuple[str, float]]) -> dict[str, float]:
@@ -146,36 +188,58 @@ def _pool(top: list[tuple[str, float]]) -> dict[str, float]:
     return out
 
 
+def _maybe_cjk(texts: pa.Array) -> np.ndarray:
+    """Texts holding a character at or above U+1000 (a UTF-8 lead byte of 0xE1 or more): every CJK
+    character is (Hangul from U+1100, the rest from U+2E80), so no other text can hold one. One pass
+    of numpy over the string bytes instead of a regex over every text."""
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        return np.ones(len(texts), dtype=bool)
+    dtype = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], dtype=dtype)[texts.offset : texts.offset + len(texts) + 1]
+    data = texts.buffers()[2]
+    if data is None or offsets[-1] == offsets[0]:
+        return np.zeros(len(texts), dtype=bool)
+    high = np.flatnonzero(np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]] >= 0xE1) + offsets[0]
+    out = np.zeros(len(texts), dtype=bool)
+    out[np.searchsorted(offsets, high, side="right") - 1] = True
+    return out & np.asarray(texts.is_valid(), bool)
+
+
 def script_languages(texts: pa.Array) -> tuple[list[str | None], np.ndarray, np.ndarray]:
     """(language the script fixes or None, share of CJK among its letters, has a letter) per text.
-    Arrow regex over the whole batch; the slow per-letter count runs only on texts with CJK characters."""
+    Arrow regex and numpy over the whole batch; the CJK counts run only on texts with characters
+    from U+1000 up (``_maybe_cjk``), the rest cannot hold one."""
     n = len(texts)
     has_letter = np.asarray(pc.fill_null(pc.match_substring_regex(texts, r"\p{L}"), False), bool)
-    cjk = pc.count_substring_regex(texts, r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]").to_numpy(False)
-    fixed: list[str | None] = [None] * n
+    fixed = np.full(n, None, dtype=object)
     share = np.zeros(n, dtype=np.float32)
-    idx = np.flatnonzero(cjk > 0)
+    idx = np.flatnonzero(_maybe_cjk(texts))
     if not len(idx):
-        return fixed, share, has_letter
+        return fixed.tolist(), share, has_letter
     sub = texts.take(pa.array(idx, pa.int64()))
 
     def count(pattern: str) -> np.ndarray:
         return pc.count_substring_regex(sub, pattern).to_numpy(False).astype(np.int64)
 
-    letters, kana, hangul = count(r"\p{L}"), count(r"[\p{Hiragana}\p{Katakana}]"), count(r"\p{Hangul}")
-    cantonese = count(f"[{CANTONESE_ONLY}]")
-    han = count(r"\p{Han}")
-    share[idx] = np.minimum(cjk[idx] / np.maximum(letters, 1), 1.0)
-    for j, i in enumerate(idx.tolist()):
-        if share[i] < CJK_SHARE:
-            continue  # a Latin (or other) text quoting a few CJK characters: the models decide
-        if kana[j] >= max(1, 0.05 * (han[j] + kana[j])):
-            fixed[i] = "ja"
-        elif hangul[j] >= 0.3 * cjk[i]:
-            fixed[i] = "ko"
-        elif han[j]:
-            fixed[i] = "yue?" if cantonese[j] == 1 else ("yue" if cantonese[j] >= 2 else "zh")
-    return fixed, share, has_letter
+    # Han, kana and Hangul are distinct Unicode scripts: their counts add up to the CJK characters
+    han, kana, hangul = count(r"\p{Han}"), count(r"[\p{Hiragana}\p{Katakana}]"), count(r"\p{Hangul}")
+    cjk = han + kana + hangul
+    keep = cjk > 0
+    if not keep.all():
+        idx, sub = idx[keep], sub.filter(pa.array(keep))
+        cjk, han, kana, hangul = cjk[keep], han[keep], kana[keep], hangul[keep]
+    if not len(idx):
+        return fixed.tolist(), share, has_letter
+    letters, cantonese = count(r"\p{L}"), count(f"[{CANTONESE_ONLY}]")
+    share[idx] = np.minimum(cjk / np.maximum(letters, 1), 1.0)
+    # a Latin (or other) text quoting a few CJK characters (under CJK_SHARE): the models decide
+    cjk_text = share[idx] >= np.float32(CJK_SHARE)
+    ja = cjk_text & (kana >= np.maximum(1, 0.05 * (han + kana)))
+    ko = cjk_text & ~ja & (hangul >= 0.3 * cjk)
+    chinese = cjk_text & ~ja & ~ko & (han > 0)
+    han_label = np.where(cantonese == 1, "yue?", np.where(cantonese >= 2, "yue", "zh")).astype(object)
+    fixed[idx[ja]], fixed[idx[ko]], fixed[idx[chinese]] = "ja", "ko", han_label[chinese]
+    return fixed.tolist(), share, has_letter
 
 
 def sample_languages(
@@ -275,8 +339,9 @@ class LangId(Operator):
         self.lingua = lingua_detector(self.lingua_languages, preload=True)
         self.lingua_long = lingua_detector(self.lingua_languages, low_accuracy=True, preload=True)
 
-    def classify(self, texts: pa.Array) -> tuple[list[str], np.ndarray, list[str]]:
-        """(language, score, decided by) of each non-blank text of an Arrow string array.
+    def classify(self, texts: pa.Array, lengths: pa.Array | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+        """(language, score, decided by) of each non-blank text of an Arrow string array (``lengths``:
+        their ``utf8_length`` where the caller has it).
 
         The common case costs what bare fastText costs: one top-1 ``predict`` over the batch and
         array work. Only the texts that need more (lid.176's top 3 for the Chinese pool or the
@@ -286,15 +351,15 @@ class LangId(Operator):
         if self._lingua_loading is not None:
             self._lingua_loading.join()
             self._lingua_loading = None
-        # fastText reads one line per text: a newline would end it (plain replace, no regex: it is 6x faster)
-        one_line = pc.replace_substring(pc.replace_substring(texts, "\n", " "), "\r", " ").to_pylist()
-        n = len(one_line)
-        langs_top1, scores = predict(self.model, one_line)  # the top 1 of the top-3 call, same numbers
+        # fastText reads one line per text: a newline would end it (a byte swap over the batch, no regex)
+        lines = fasttext_lines(texts)
+        n = len(lines)
+        langs_top1, scores = _top1(predict_lines(self.model, lines)) if n else ([], np.zeros(0, np.float32))
         langs = np.array([lang or UND for lang in langs_top1], dtype=object)
         by = np.full(n, "fasttext", dtype=object)
         fixed, share, has_letter = script_languages(texts)
         is_fixed = np.array([f is not None for f in fixed], dtype=bool) if n else np.zeros(0, bool)
-        lengths = pc.utf8_length(texts).to_numpy(False)
+        lengths = (pc.utf8_length(texts) if lengths is None else lengths).to_numpy(False)
         unsure = ((lengths < self.short_chars) & (scores < self.short_sure)) | (scores < self.second_opinion_below)
         unsure &= has_letter & ~is_fixed  # the script rules need no model
         ask = np.flatnonzero(unsure) if self.lingua is not None else np.zeros(0, np.int64)
@@ -304,7 +369,7 @@ class LangId(Operator):
             (self.lingua, ask[lengths[ask] < LINGUA_LOW_ACCURACY_FROM]),
             (self.lingua_long, ask[lengths[ask] >= LINGUA_LOW_ACCURACY_FROM]),
         ):
-            clipped = [one_line[i][:LINGUA_MAX_CHARS] for i in part.tolist()]
+            clipped = [lines[i][:-1].decode()[:LINGUA_MAX_CHARS] for i in part.tolist()]
             second.update(zip(part.tolist(), lingua_scores(detector, clipped), strict=True))
         # lid.176's top 3 only where it is read: the lingua mix, and script-decided texts whose letters
         # are not all CJK (where they are, the script share alone is the belief: 1.0)
@@ -313,7 +378,7 @@ class LangId(Operator):
         need_top |= is_fixed & (share < 1.0)
         need_top &= has_letter
         top_idx = np.flatnonzero(need_top).tolist()
-        tops = dict(zip(top_idx, predict_top(self.model, [one_line[i] for i in top_idx]), strict=True))
+        tops = dict(zip(top_idx, _tops(predict_lines(self.model, [lines[i] for i in top_idx], TOP_K)), strict=True))
         for i in np.flatnonzero(~has_letter | is_fixed | need_top).tolist():
             if not has_letter[i]:
                 langs[i], scores[i], by[i] = UND, 0.0, UND
@@ -348,9 +413,10 @@ class LangId(Operator):
         nonblank = pc.and_(pc.greater(length, 0), pc.invert(pc.utf8_is_space(texts)))
         nonblank = np.asarray(pc.fill_null(nonblank, False).to_numpy(zero_copy_only=False), bool)
         if not nonblank.all():
-            idx, texts = idx[nonblank], texts.filter(pa.array(nonblank))
-        langs, scores, by = self.classify(texts) if len(texts) else ([], np.zeros(0, np.float32), [])
-        chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.float64)
+            keep = pa.array(nonblank)
+            idx, texts, length = idx[nonblank], texts.filter(keep), length.filter(keep)
+        langs, scores, by = self.classify(texts, length) if len(texts) else ([], np.zeros(0, np.float32), [])
+        chars = length.to_numpy(zero_copy_only=False).astype(np.float64)
         lang_array = pa.array(langs, pa.string())
         lang, score = sample_languages(flat.row[idx], lang_array, scores, chars, len(batch))
         batch = put_column(batch, "lang", lang)
